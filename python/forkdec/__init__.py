@@ -1,0 +1,12 @@
+"""forkdec: kernels and a minimal engine for decoding many reasoning paths of one prompt in one batch.
+
+Ops live in `forkdec.ops` (torch ops in the `forkdec` namespace underneath);
+each takes `backend="auto" | "reference" | "cpu" | "triton" | "cuda"`.
+"""
+from forkdec import ops
+from forkdec.backends import BackendUnavailable, available_backends
+from forkdec.validation import set_validation, validation, validation_enabled
+
+__version__ = "0.1.0"
+__all__ = ["ops", "BackendUnavailable", "available_backends", "set_validation", "validation",
+           "validation_enabled"]

@@ -1,0 +1,50 @@
+"""The `forkdec` command line: `forkdec bench <area>`.
+
+User errors print one line to stderr and exit with code 2, without a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+BENCH_AREAS: dict[str, str] = {
+    "softmax": "forkdec.bench.softmax",
+}
+
+
+def _bench(argv: list[str]) -> int:
+    import importlib
+
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: forkdec bench {" + ",".join(BENCH_AREAS) + "} [options]")
+        return 0 if argv else 2
+    area, rest = argv[0], argv[1:]
+    if area not in BENCH_AREAS:
+        raise ValueError(f"area: unknown benchmark {area!r}; expected one of {', '.join(BENCH_AREAS)}")
+    return importlib.import_module(BENCH_AREAS[area]).run(rest)
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {"bench": _bench}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="forkdec", description="forkdec: scaled decoding kernels and engine")
+    parser.add_argument("command", choices=sorted(COMMANDS), help="what to run")
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0 if argv else 2
+    if argv[0] not in COMMANDS:
+        print(f"forkdec: command: unknown command {argv[0]!r}; expected one of {', '.join(sorted(COMMANDS))}",
+              file=sys.stderr)
+        return 2
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except ValueError as e:
+        print(f"forkdec {argv[0]}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
