@@ -11,4 +11,21 @@ TORCH_LIBRARY(forkdec, m) {
   // Same semantics, the classic three passes (max, sum of exp, scale):
   // the control the two-pass kernel is benchmarked against.
   m.def("softmax_three_pass(Tensor x, int dim, float temperature, Tensor? row_temperature) -> Tensor");
+
+  // Attention over a paged KV cache (conventions: docs/attention.md). Returns
+  // out [total_q, Hq, D] in q's dtype and lse [total_q, Hq] fp32. custom_mask is
+  // bool (one byte per entry) or bit-packed uint8 (little bit order).
+  m.def("attention(Tensor q, Tensor qo_indptr, Tensor k_cache, Tensor v_cache, Tensor kv_indptr, "
+        "Tensor kv_indices, Tensor kv_last_page_len, bool causal, Tensor? custom_mask, float sm_scale) "
+        "-> (Tensor out, Tensor lse)");
+  // Attention over the union of keys of several levels (one list entry per
+  // level), merged by LSE in fp32 before the single rounding to q's dtype.
+  m.def("cascade_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor[] qo_indptr, "
+        "Tensor[] kv_indptr, Tensor[] kv_indices, Tensor[] kv_last_page_len, bool[] causal, "
+        "Tensor?[] custom_mask, float sm_scale) -> (Tensor out, Tensor lse)");
+  // Merge attention states over disjoint key sets: o [T, n, H, D], lse [T, n, H].
+  m.def("merge_states(Tensor o, Tensor lse) -> (Tensor out, Tensor lse_out)");
+  m.def("merge_state(Tensor o_a, Tensor lse_a, Tensor o_b, Tensor lse_b) -> (Tensor out, Tensor lse_out)");
+  // Write k, v [N, Hkv, D] at slots [N] (slot = page * page_size + offset).
+  m.def("append_kv(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor slots) -> ()");
 }

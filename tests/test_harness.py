@@ -27,7 +27,7 @@ def cpu_isa():
         ext.set_cpu_isa(previous)
 
 
-@pytest.mark.parametrize("spec,variant,dtype,case", _params())
+@pytest.mark.parametrize("spec,variant,dtype,case", list(_params()))
 def test_backend_matches_reference(spec, variant, dtype, case, cpu_isa):
     reason = skip_reason(spec, variant, case)
     if reason is not None:

@@ -5,6 +5,7 @@ import torch
 
 import forkdec
 from forkdec import reference
+from forkdec.ops.softmax import BACKENDS
 from harness import SPECS, Case, OpSpec
 
 
@@ -60,5 +61,4 @@ def compare(out, ref, dtype):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-7, equal_nan=True)
 
 
-SPECS.append(OpSpec("softmax", forkdec.ops.softmax, reference.softmax,
-                    ("reference", "cpu", "triton", "cuda"), CASES, compare))
+SPECS.append(OpSpec("softmax", forkdec.ops.softmax, reference.softmax, BACKENDS, CASES, compare))

@@ -13,13 +13,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from forkdec import reference
+import math
+
+from forkdec import _extension, reference
 from forkdec.backends import resolve
 from forkdec.validation import require, validation_enabled
 
 HEAD_DIMS = (32, 64, 96, 128, 256)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-BACKENDS = ("reference",)
+BACKENDS = ("reference", "cpu")
 
 
 @dataclass
@@ -54,10 +56,13 @@ def attention(q: Tensor, qo_indptr: Tensor, k_cache: Tensor, v_cache: Tensor, kv
     if validation_enabled():
         validate_attention(q, qo_indptr, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len,
                            custom_mask, sm_scale)
-    resolve(backend, "attention", q.device, BACKENDS)
-    return reference.attention(q, qo_indptr, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len,
-                               causal=causal, custom_mask=custom_mask, sm_scale=sm_scale,
-                               return_lse=return_lse)
+    if resolve(backend, "attention", q.device, BACKENDS) == "reference":
+        return reference.attention(q, qo_indptr, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len,
+                                   causal=causal, custom_mask=custom_mask, sm_scale=sm_scale,
+                                   return_lse=return_lse)
+    out, lse = torch.ops.forkdec.attention(q, qo_indptr, k_cache, v_cache, kv_indptr, kv_indices,
+                                           kv_last_page_len, causal, custom_mask, _scale(q, sm_scale))
+    return (out, lse) if return_lse else out
 
 
 def merge_state(o_a: Tensor, lse_a: Tensor, o_b: Tensor, lse_b: Tensor, *,
@@ -73,8 +78,9 @@ def merge_state(o_a: Tensor, lse_a: Tensor, o_b: Tensor, lse_b: Tensor, *,
                 f"shape {tuple(o_b.shape)} must equal o_a's {tuple(o_a.shape)} and be [T, H, D]")
         require(lse_a.shape == o_a.shape[:2] and lse_b.shape == o_a.shape[:2], "lse_a",
                 f"lse shapes {tuple(lse_a.shape)}, {tuple(lse_b.shape)} must be [T, H] = {tuple(o_a.shape[:2])}")
-    resolve(backend, "merge_state", o_a.device, BACKENDS)
-    return reference.merge_state(o_a, lse_a, o_b, lse_b)
+    if resolve(backend, "merge_state", o_a.device, BACKENDS) == "reference":
+        return reference.merge_state(o_a, lse_a, o_b, lse_b)
+    return torch.ops.forkdec.merge_state(o_a, lse_a, o_b, lse_b)
 
 
 def merge_states(o: Tensor, lse: Tensor, *, backend: str = "auto") -> tuple[Tensor, Tensor]:
@@ -83,8 +89,9 @@ def merge_states(o: Tensor, lse: Tensor, *, backend: str = "auto") -> tuple[Tens
     if validation_enabled():
         require(o.dim() == 4, "o", f"expected [T, n, H, D], got shape {tuple(o.shape)}")
         require(lse.shape == o.shape[:3], "lse", f"expected shape {tuple(o.shape[:3])}, got {tuple(lse.shape)}")
-    resolve(backend, "merge_states", o.device, BACKENDS)
-    return reference.merge_states(o, lse)
+    if resolve(backend, "merge_states", o.device, BACKENDS) == "reference":
+        return reference.merge_states(o, lse)
+    return torch.ops.forkdec.merge_states(o, lse)
 
 
 def cascade_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, levels: list[CascadeLevel], *,
@@ -105,8 +112,13 @@ def cascade_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, levels: list[
             require(isinstance(lv, CascadeLevel), f"levels[{i}]", f"expected a CascadeLevel, got {type(lv).__name__}")
             validate_attention(q, lv.qo_indptr, k_cache, v_cache, lv.kv_indptr, lv.kv_indices,
                                lv.kv_last_page_len, lv.custom_mask, sm_scale, prefix=f"levels[{i}].")
-    resolve(backend, "cascade_attention", q.device, BACKENDS)
-    return reference.cascade_attention(q, k_cache, v_cache, levels, sm_scale=sm_scale, return_lse=return_lse)
+    if resolve(backend, "cascade_attention", q.device, BACKENDS) == "reference":
+        return reference.cascade_attention(q, k_cache, v_cache, levels, sm_scale=sm_scale, return_lse=return_lse)
+    out, lse = torch.ops.forkdec.cascade_attention(
+        q, k_cache, v_cache, [lv.qo_indptr for lv in levels], [lv.kv_indptr for lv in levels],
+        [lv.kv_indices for lv in levels], [lv.kv_last_page_len for lv in levels], [lv.causal for lv in levels],
+        [lv.custom_mask for lv in levels], _scale(q, sm_scale))
+    return (out, lse) if return_lse else out
 
 
 def append_kv(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, slots: Tensor, *,
@@ -126,8 +138,14 @@ def append_kv(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, slots: Ten
         capacity = k_cache.shape[0] * k_cache.shape[1]
         require(slots.numel() == 0 or (int(slots.min()) >= 0 and int(slots.max()) < capacity), "slots",
                 f"slot ids must be in [0, {capacity})")
-    resolve(backend, "append_kv", k_cache.device, BACKENDS)
-    reference.append_kv(k_cache, v_cache, k, v, slots)
+    if resolve(backend, "append_kv", k_cache.device, BACKENDS) == "reference":
+        reference.append_kv(k_cache, v_cache, k, v, slots)
+    else:
+        torch.ops.forkdec.append_kv(k_cache, v_cache, k, v, slots)
+
+
+def _scale(q: Tensor, sm_scale: float | None) -> float:
+    return 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
 
 
 def _require_indptr(t: Tensor, name: str, length: int | None, end: int | None) -> None:
@@ -183,3 +201,33 @@ def validate_attention(q: Tensor, qo_indptr: Tensor, k_cache: Tensor, v_cache: T
             require(custom_mask.dtype == torch.uint8, prefix + "custom_mask", "must be bool or bit-packed uint8")
             require(custom_mask.numel() == (numel + 7) // 8, prefix + "custom_mask",
                     f"packed mask has {custom_mask.numel()} bytes, expected ceil({numel} / 8) = {(numel + 7) // 8}")
+
+
+# torch.compile support: fake (meta) implementations of the C++ ops.
+def _attention_fake(q, qo_indptr, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len, causal,
+                    custom_mask, sm_scale):
+    return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32)
+
+
+def _cascade_fake(q, k_cache, v_cache, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, causal, custom_mask,
+                  sm_scale):
+    return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32)
+
+
+def _merge_states_fake(o, lse):
+    return o.new_empty(o.shape[:1] + o.shape[2:]), lse.new_empty(lse.shape[:1] + lse.shape[2:], dtype=torch.float32)
+
+
+def _merge_state_fake(o_a, lse_a, o_b, lse_b):
+    return torch.empty_like(o_a), torch.empty_like(lse_a, dtype=torch.float32)
+
+
+def _append_kv_fake(k_cache, v_cache, k, v, slots):
+    return None
+
+
+if _extension.load() is not None:
+    for _name, _fake in [("attention", _attention_fake), ("cascade_attention", _cascade_fake),
+                         ("merge_states", _merge_states_fake), ("merge_state", _merge_state_fake),
+                         ("append_kv", _append_kv_fake)]:
+        torch.library.register_fake(f"forkdec::{_name}")(_fake)
