@@ -10,6 +10,9 @@ from typing import Callable
 
 BENCH_AREAS: dict[str, str] = {
     "softmax": "forkdec.bench.softmax",
+    "attention": "forkdec.bench.attention",
+    "gpu-softmax": "forkdec.bench.gpu_softmax",
+    "gpu-attention": "forkdec.bench.gpu_attention",
 }
 
 
@@ -17,7 +20,7 @@ def _bench(argv: list[str]) -> int:
     import importlib
 
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: forkdec bench {" + ",".join(BENCH_AREAS) + "} [options]")
+        print("usage: forkdec bench {" + ",".join(BENCH_AREAS) + "} [options]", file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     area, rest = argv[0], argv[1:]
     if area not in BENCH_AREAS:

@@ -23,7 +23,7 @@ class Forest:
     k_cache: Tensor
     v_cache: Tensor
     levels: list[CascadeLevel]   # [prompt level, path level]
-    flat: CascadeLevel           # one group per path over prompt copy + own tokens
+    flat: CascadeLevel | None    # one group per path over prompt copy + own tokens
     prompt_lens: list[int]
     own_lens: list[list[int]]
     qo_lens: list[list[int]]
@@ -77,9 +77,11 @@ def _table(groups: list[tuple[list[int], int]]) -> tuple[Tensor, Tensor, Tensor]
 def random_forest(prompt_lens: list[int], own_lens: list[list[int]], qo_lens: list[list[int]], *,
                   page_size: int = 16, hq: int = 9, hkv: int = 3, d: int = 64,
                   dtype: torch.dtype = torch.float32, tree: bool = False,
-                  generator: torch.Generator | None = None, shuffle_pages: bool = True) -> Forest:
+                  generator: torch.Generator | None = None, shuffle_pages: bool = True,
+                  with_flat: bool = True) -> Forest:
     """Random forest: prompt p has paths j with own_lens[p][j] tokens, the last
-    qo_lens[p][j] of which are queries (causal; or a random tree if `tree`)."""
+    qo_lens[p][j] of which are queries (causal; or a random tree if `tree`).
+    `with_flat=False` skips the per-path prompt copies (`Forest.flat` is then None)."""
     g = generator or torch.Generator().manual_seed(0)
     pages = _Pages(page_size)
 
@@ -96,7 +98,8 @@ def random_forest(prompt_lens: list[int], own_lens: list[list[int]], qo_lens: li
             assert qo <= own, "a path's queries are its last tokens"
             ok, ov = rand(own), rand(own)
             path_groups.append(pages.store(ok, ov))
-            flat_groups.append(pages.store(torch.cat([pk, ok]), torch.cat([pv, ov])))
+            if with_flat:
+                flat_groups.append(pages.store(torch.cat([pk, ok]), torch.cat([pv, ov])))
             path_qo.append(path_qo[-1] + qo)
             if tree:
                 parents = [int(torch.randint(-1, i, (1,), generator=g)) for i in range(qo)]
@@ -123,5 +126,5 @@ def random_forest(prompt_lens: list[int], own_lens: list[list[int]], qo_lens: li
     path_level = CascadeLevel(torch.tensor(path_qo, **i32), *_table(remap(path_groups)),
                               causal=not tree, custom_mask=path_mask)
     flat = CascadeLevel(torch.tensor(path_qo, **i32), *_table(remap(flat_groups)), causal=not tree,
-                        custom_mask=flat_mask)
+                        custom_mask=flat_mask) if with_flat else None
     return Forest(q, k_cache, v_cache, [prompt_level, path_level], flat, prompt_lens, own_lens, qo_lens)

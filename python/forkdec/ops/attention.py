@@ -21,7 +21,7 @@ from forkdec.validation import require, validation_enabled
 
 HEAD_DIMS = (32, 64, 96, 128, 256)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-BACKENDS = ("reference", "cpu")
+BACKENDS = ("reference", "cpu", "triton")
 
 
 @dataclass
@@ -56,12 +56,14 @@ def attention(q: Tensor, qo_indptr: Tensor, k_cache: Tensor, v_cache: Tensor, kv
     if validation_enabled():
         validate_attention(q, qo_indptr, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len,
                            custom_mask, sm_scale)
-    if resolve(backend, "attention", q.device, BACKENDS) == "reference":
+    name = resolve(backend, "attention", q.device, BACKENDS)
+    if name == "reference":
         return reference.attention(q, qo_indptr, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len,
                                    causal=causal, custom_mask=custom_mask, sm_scale=sm_scale,
                                    return_lse=return_lse)
-    out, lse = torch.ops.forkdec.attention(q, qo_indptr, k_cache, v_cache, kv_indptr, kv_indices,
-                                           kv_last_page_len, causal, custom_mask, _scale(q, sm_scale))
+    op = torch.ops.forkdec.attention if name == "cpu" else torch.ops.forkdec.attention_triton
+    out, lse = op(q, qo_indptr, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len, causal, custom_mask,
+                  _scale(q, sm_scale))
     return (out, lse) if return_lse else out
 
 
@@ -78,9 +80,11 @@ def merge_state(o_a: Tensor, lse_a: Tensor, o_b: Tensor, lse_b: Tensor, *,
                 f"shape {tuple(o_b.shape)} must equal o_a's {tuple(o_a.shape)} and be [T, H, D]")
         require(lse_a.shape == o_a.shape[:2] and lse_b.shape == o_a.shape[:2], "lse_a",
                 f"lse shapes {tuple(lse_a.shape)}, {tuple(lse_b.shape)} must be [T, H] = {tuple(o_a.shape[:2])}")
-    if resolve(backend, "merge_state", o_a.device, BACKENDS) == "reference":
+    name = resolve(backend, "merge_state", o_a.device, BACKENDS)
+    if name == "reference":
         return reference.merge_state(o_a, lse_a, o_b, lse_b)
-    return torch.ops.forkdec.merge_state(o_a, lse_a, o_b, lse_b)
+    op = torch.ops.forkdec.merge_state if name == "cpu" else torch.ops.forkdec.merge_state_triton
+    return op(o_a, lse_a, o_b, lse_b)
 
 
 def merge_states(o: Tensor, lse: Tensor, *, backend: str = "auto") -> tuple[Tensor, Tensor]:
@@ -89,9 +93,11 @@ def merge_states(o: Tensor, lse: Tensor, *, backend: str = "auto") -> tuple[Tens
     if validation_enabled():
         require(o.dim() == 4, "o", f"expected [T, n, H, D], got shape {tuple(o.shape)}")
         require(lse.shape == o.shape[:3], "lse", f"expected shape {tuple(o.shape[:3])}, got {tuple(lse.shape)}")
-    if resolve(backend, "merge_states", o.device, BACKENDS) == "reference":
+    name = resolve(backend, "merge_states", o.device, BACKENDS)
+    if name == "reference":
         return reference.merge_states(o, lse)
-    return torch.ops.forkdec.merge_states(o, lse)
+    op = torch.ops.forkdec.merge_states if name == "cpu" else torch.ops.forkdec.merge_states_triton
+    return op(o, lse)
 
 
 def cascade_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, levels: list[CascadeLevel], *,
@@ -112,9 +118,11 @@ def cascade_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, levels: list[
             require(isinstance(lv, CascadeLevel), f"levels[{i}]", f"expected a CascadeLevel, got {type(lv).__name__}")
             validate_attention(q, lv.qo_indptr, k_cache, v_cache, lv.kv_indptr, lv.kv_indices,
                                lv.kv_last_page_len, lv.custom_mask, sm_scale, prefix=f"levels[{i}].")
-    if resolve(backend, "cascade_attention", q.device, BACKENDS) == "reference":
+    name = resolve(backend, "cascade_attention", q.device, BACKENDS)
+    if name == "reference":
         return reference.cascade_attention(q, k_cache, v_cache, levels, sm_scale=sm_scale, return_lse=return_lse)
-    out, lse = torch.ops.forkdec.cascade_attention(
+    op = torch.ops.forkdec.cascade_attention if name == "cpu" else torch.ops.forkdec.cascade_attention_triton
+    out, lse = op(
         q, k_cache, v_cache, [lv.qo_indptr for lv in levels], [lv.kv_indptr for lv in levels],
         [lv.kv_indices for lv in levels], [lv.kv_last_page_len for lv in levels], [lv.causal for lv in levels],
         [lv.custom_mask for lv in levels], _scale(q, sm_scale))
@@ -138,10 +146,13 @@ def append_kv(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, slots: Ten
         capacity = k_cache.shape[0] * k_cache.shape[1]
         require(slots.numel() == 0 or (int(slots.min()) >= 0 and int(slots.max()) < capacity), "slots",
                 f"slot ids must be in [0, {capacity})")
-    if resolve(backend, "append_kv", k_cache.device, BACKENDS) == "reference":
+    name = resolve(backend, "append_kv", k_cache.device, BACKENDS)
+    if name == "reference":
         reference.append_kv(k_cache, v_cache, k, v, slots)
-    else:
+    elif name == "cpu":
         torch.ops.forkdec.append_kv(k_cache, v_cache, k, v, slots)
+    else:
+        torch.ops.forkdec.append_kv_triton(k_cache, v_cache, k, v, slots)
 
 
 def _scale(q: Tensor, sm_scale: float | None) -> float:
@@ -231,3 +242,47 @@ if _extension.load() is not None:
                          ("merge_states", _merge_states_fake), ("merge_state", _merge_state_fake),
                          ("append_kv", _append_kv_fake)]:
         torch.library.register_fake(f"forkdec::{_name}")(_fake)
+
+
+# Triton kernels as torch ops (triton_kernels/attention.py), imported on first use.
+def _triton():
+    from forkdec.triton_kernels import attention as kernels
+    return kernels
+
+
+@torch.library.custom_op("forkdec::attention_triton", mutates_args=())
+def _attention_triton(q: Tensor, qo_indptr: Tensor, k_cache: Tensor, v_cache: Tensor, kv_indptr: Tensor,
+                      kv_indices: Tensor, kv_last_page_len: Tensor, causal: bool, custom_mask: Tensor | None,
+                      sm_scale: float) -> tuple[Tensor, Tensor]:
+    return _triton().attention(q, qo_indptr, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len, causal,
+                               custom_mask, sm_scale)
+
+
+@torch.library.custom_op("forkdec::cascade_attention_triton", mutates_args=())
+def _cascade_attention_triton(q: Tensor, k_cache: Tensor, v_cache: Tensor, qo_indptr: list[Tensor],
+                              kv_indptr: list[Tensor], kv_indices: list[Tensor], kv_last_page_len: list[Tensor],
+                              causal: list[bool], custom_mask: list[Tensor | None],
+                              sm_scale: float) -> tuple[Tensor, Tensor]:
+    return _triton().cascade_attention(q, k_cache, v_cache, qo_indptr, kv_indptr, kv_indices, kv_last_page_len,
+                                       causal, custom_mask, sm_scale)
+
+
+@torch.library.custom_op("forkdec::merge_states_triton", mutates_args=())
+def _merge_states_triton(o: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
+    return _triton().merge_states(o, lse)
+
+
+@torch.library.custom_op("forkdec::merge_state_triton", mutates_args=())
+def _merge_state_triton(o_a: Tensor, lse_a: Tensor, o_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
+    return _triton().merge_state(o_a, lse_a, o_b, lse_b)
+
+
+@torch.library.custom_op("forkdec::append_kv_triton", mutates_args=("k_cache", "v_cache"))
+def _append_kv_triton(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, slots: Tensor) -> None:
+    _triton().append_kv(k_cache, v_cache, k, v, slots)
+
+
+_attention_triton.register_fake(_attention_fake)
+_cascade_attention_triton.register_fake(_cascade_fake)
+_merge_states_triton.register_fake(_merge_states_fake)
+_merge_state_triton.register_fake(_merge_state_fake)

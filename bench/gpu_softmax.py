@@ -1,0 +1,183 @@
+"""GPU microbenchmark of the Two-Pass Softmax: torch.softmax, forkdec's Triton
+kernel, forkdec's CUDA op and FlashInfer's softmax, on [rows, cols] fp32 and bf16
+inputs with fp32 output, timed with triton.testing.do_bench (median).
+
+Achieved GB/s counts 2 reads of x + 1 fp32 write, and is compared with this
+device's copy bandwidth (a device-to-device copy_, 1 read + 1 write, timed the
+same way) and with the nominal peak of the device. On a GPU it writes
+bench/results/gpu_softmax.md. `--dry-run` (no GPU needed, TRITON_INTERPRET=1 for
+the Triton kernel) lists the cases and runs every implementation once on a tiny
+CPU input to check the plumbing.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+from typing import Callable, Optional
+
+import torch
+
+SHAPES = [(64, 262144), (512, 49152), (4096, 4096)]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+TEMPERATURE = 1.0
+DRY_RUN_SHAPE = (3, 300)
+# Nominal memory bandwidth, GB/s: (substring of the device name, min memory GiB, GB/s).
+PEAK_GBS = [("H100 80GB HBM3", 0, 3350), ("H100 SXM", 0, 3350), ("A100", 60, 2039), ("A100", 0, 1555)]
+
+Impl = Callable[[torch.Tensor], torch.Tensor]
+
+
+def nominal_peak_gbs(name: str, memory_bytes: int) -> Optional[float]:
+    """The table's peak GB/s for a device name, or None if the device is not in it."""
+    for key, min_gib, gbs in PEAK_GBS:
+        if key in name and memory_bytes >= min_gib * 2**30:
+            return float(gbs)
+    return None
+
+
+def implementations(device: torch.device) -> dict[str, Impl | str]:
+    """Each implementation as x -> fp32 softmax(x / TEMPERATURE, -1), or a string
+    saying why it cannot run on `device`."""
+    # torch has no temperature argument; at 1.0 skip the division so that only softmax is timed.
+    scaled = (lambda x: x) if TEMPERATURE == 1.0 else (lambda x: x / TEMPERATURE)
+    impls: dict[str, Impl | str] = {"torch.softmax": lambda x: torch.softmax(scaled(x), -1, dtype=torch.float32)}
+
+    if importlib.util.find_spec("triton") is None:
+        impls["forkdec triton"] = "triton is not installed"
+    elif device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        impls["forkdec triton"] = "CPU tensors need TRITON_INTERPRET=1"
+    else:
+        from forkdec.triton_kernels.softmax import softmax_rows
+
+        def triton_softmax(x: torch.Tensor) -> torch.Tensor:
+            out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+            softmax_rows(x, 1.0 / TEMPERATURE, None, out)
+            return out
+        impls["forkdec triton"] = triton_softmax
+
+    from forkdec import _extension
+    key = "CUDA" if device.type == "cuda" else "CPU"  # dry run: the same op call, on the CPU kernel
+    if _extension.load() is None:
+        impls["forkdec cuda"] = _extension.error() or "forkdec._C is not built"
+    elif not torch._C._dispatch_has_kernel_for_dispatch_key("forkdec::softmax", key):
+        impls["forkdec cuda"] = f"forkdec._C has no {key} kernel for softmax"
+    else:
+        impls["forkdec cuda"] = lambda x: torch.ops.forkdec.softmax(x, -1, TEMPERATURE, None)
+
+    if importlib.util.find_spec("flashinfer") is None:
+        impls["flashinfer"] = "flashinfer is not installed"
+    elif device.type != "cuda":
+        impls["flashinfer"] = "flashinfer runs on CUDA tensors only"
+    else:
+        import flashinfer  # softmax(logits, temperature=None, enable_pdl=None) -> probs
+
+        impls["flashinfer"] = lambda x: flashinfer.sampling.softmax(x, temperature=TEMPERATURE)
+    return impls
+
+
+def make_input(shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    g = torch.Generator(device=device).manual_seed(0)
+    return (torch.randn(shape, generator=g, device=device) * 5).to(dtype)
+
+
+def max_error(impl: Impl, x: torch.Tensor) -> float:
+    """Max abs difference from torch.softmax(x.float() / TEMPERATURE, -1)."""
+    out = impl(x)
+    assert out.dtype == torch.float32 and out.shape == x.shape, (out.dtype, out.shape)
+    return (out - torch.softmax(x.float() / TEMPERATURE, -1)).abs().max().item()
+
+
+def dry_run(cases: list[tuple[tuple[int, int], str]]) -> int:
+    device = torch.device("cpu")
+    print("dry run: on a GPU this would time, with triton.testing.do_bench (median ms):")
+    for shape, dtype_name in cases:
+        nbytes = shape[0] * shape[1] * (2 * DTYPES[dtype_name].itemsize + 4)
+        print(f"  {shape[0]}x{shape[1]} {dtype_name}: {', '.join(implementations(device))}; {nbytes / 2**20:.0f} MiB moved")
+    print("  plus a device-to-device copy for the measured bandwidth; peak from the device name table")
+    print(f"plumbing check on CPU tensors {DRY_RUN_SHAPE[0]}x{DRY_RUN_SHAPE[1]}:")
+    for dtype_name in sorted({d for _, d in cases}):
+        x = make_input(DRY_RUN_SHAPE, DTYPES[dtype_name], device)
+        for name, impl in implementations(device).items():
+            status = f"skipped ({impl})" if isinstance(impl, str) else f"ran, max abs error {max_error(impl, x):.1e}"
+            print(f"  {dtype_name} {name}: {status}")
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m forkdec.bench.gpu_softmax", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default=",".join(f"{r}x{c}" for r, c in SHAPES),
+                        help="comma-separated ROWSxCOLS shapes")
+    parser.add_argument("--dtypes", default=",".join(DTYPES), help=f"comma-separated, of {', '.join(DTYPES)}")
+    parser.add_argument("--out", help="results folder (default: bench/results in a checkout)")
+    parser.add_argument("--dry-run", action="store_true", help="no GPU: check the plumbing on a tiny CPU input")
+    args = parser.parse_args(argv)
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    dtype_names = args.dtypes.split(",")
+    unknown = [d for d in dtype_names if d not in DTYPES]
+    if unknown:
+        parser.error(f"--dtypes: unknown {', '.join(unknown)}; expected {', '.join(DTYPES)}")
+    cases = [(shape, d) for d in dtype_names for shape in shapes]
+    if args.dry_run:
+        return dry_run(cases)
+    if not torch.cuda.is_available():
+        raise SystemExit("gpu_softmax: no CUDA device (use --dry-run to check the plumbing)")
+    return measure(cases, args.out)
+
+
+def measure(cases: list[tuple[tuple[int, int], str]], out_dir: Optional[str]) -> int:
+    from triton.testing import do_bench
+
+    from forkdec.bench.common import machine_facts, markdown_table, results_dir, write_report
+
+    device = torch.device("cuda")
+    props = torch.cuda.get_device_properties(device)
+    src = torch.empty(2**28 // 4, dtype=torch.float32, device=device)  # 256 MiB
+    dst = torch.empty_like(src)
+    copy_gbs = 2 * src.numel() * 4 / (do_bench(lambda: dst.copy_(src), return_mode="median") * 1e-3) / 1e9
+    del src, dst
+    peak = nominal_peak_gbs(props.name, props.total_memory)
+    impls = implementations(device)
+
+    rows = []
+    for shape, dtype_name in cases:
+        x = make_input(shape, DTYPES[dtype_name], device)
+        nbytes = x.numel() * (2 * x.element_size() + 4)  # 2 reads + 1 fp32 write
+        for name, impl in impls.items():
+            label = [f"{shape[0]}x{shape[1]}", dtype_name, name]
+            if isinstance(impl, str):
+                rows.append(label + ["-"] * 5 + [f"n/a: {impl}"])
+                continue
+            try:
+                err = max_error(impl, x)
+                ms = do_bench(lambda: impl(x), return_mode="median")
+            except Exception as e:  # e.g. a dtype an external kernel does not take
+                rows.append(label + ["-"] * 5 + [f"error: {type(e).__name__}: {str(e).splitlines()[0][:80]}"])
+                continue
+            gbs = nbytes / (ms * 1e-3) / 1e9
+            rows.append(label + [f"{ms:.3f}", f"{gbs:.0f}", f"{gbs / copy_gbs:.0%}",
+                                 f"{gbs / peak:.0%}" if peak else "-", f"{err:.1e}", ""])
+            print(" | ".join(rows[-1]))
+        del x
+        torch.cuda.empty_cache()
+
+    header = ["shape", "dtype", "implementation", "ms", "GB/s", "of copy", "of peak", "max abs err", "note"]
+    table = markdown_table(header, rows)
+    print(table)
+    facts = machine_facts({
+        "gpu": f"{props.name}, {props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs",
+        "torch CUDA": str(torch.version.cuda),
+        "copy bandwidth (measured)": f"{copy_gbs:.0f} GB/s (256 MiB device-to-device copy_, 1 read + 1 write)",
+        "nominal peak": f"{peak:.0f} GB/s" if peak else "device not in the table (see 'of copy')",
+        "timing": "triton.testing.do_bench, median ms; outputs allocated per call (caching allocator)",
+        "GB/s": "2 reads of x + 1 fp32 write; temperature 1.0 passed to every implementation",
+    })
+    write_report(results_dir(out_dir) / "gpu_softmax.md", "Two-Pass Softmax on the GPU", facts, table)
+    return 0
+
+
+run = main  # `forkdec bench <area>` calls run(argv)
+
+if __name__ == "__main__":
+    raise SystemExit(main())

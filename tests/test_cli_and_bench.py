@@ -1,0 +1,46 @@
+"""The CLI's error handling and the benchmarks' plumbing (tiny sizes; benchmarks
+measure nothing in tests: speed targets live in bench/results)."""
+import subprocess
+import sys
+
+import pytest
+
+import forkdec
+from forkdec.cli import main
+
+needs_ext = pytest.mark.skipif(forkdec._extension.load() is None,
+                               reason=f"C++ extension unavailable: {forkdec._extension.error()}")
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "forkdec.cli", *args], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("args,word", [(["frobnicate"], "command"), (["bench", "nope"], "area"),
+                                       (["bench"], "usage")])
+def test_user_errors_exit_2_with_one_line(args, word):
+    run = _cli(*args)
+    assert run.returncode == 2, run
+    lines = (run.stderr + run.stdout).strip().splitlines()
+    assert len(lines) == 1 and word in lines[0], lines
+    assert "Traceback" not in run.stderr
+
+
+@needs_ext
+def test_softmax_bench_writes_its_report(tmp_path):
+    assert main(["bench", "softmax", "--shapes", "3x1000,2x33", "--rounds", "1", "--out", str(tmp_path)]) == 0
+    report = (tmp_path / "softmax.md").read_text()
+    assert "3x1000" in report and "copy GB/s" in report and "cpu:" in report
+    assert (tmp_path / "softmax.png").stat().st_size > 0
+
+
+def test_gpu_softmax_bench_plumbing_runs_on_cpu():
+    from forkdec.bench import gpu_softmax
+
+    assert gpu_softmax.main(["--dry-run"]) == 0
+
+
+def test_gpu_attention_bench_plumbing_runs_on_cpu():
+    from forkdec.bench import gpu_attention
+
+    assert gpu_attention.main(["--dry-run"]) == 0

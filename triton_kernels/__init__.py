@@ -1,0 +1,1 @@
+"""Triton kernels of forkdec (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)."""
