@@ -63,13 +63,25 @@ def tree_verification(rounds, requests=8, nodes=64, cache=2048):
     return time_interleaved(cands, rounds=rounds)
 
 
+def plan_split(rounds, paths=64, prompt=4096, own=256):
+    """Per-layer cost of a decode step's cascade: validating the metadata on every
+    call (the face) vs once per step (CascadePlan, 30 layers share it)."""
+    g = torch.Generator().manual_seed(2)
+    f = random_forest([prompt], [[own] * paths], [[1] * paths], page_size=16, generator=g, with_flat=False,
+                      **SMOLLM2)
+    plan = forkdec.ops.CascadePlan(f.levels, num_pages=f.k_cache.shape[0], page_size=16, total_q=f.q.shape[0],
+                                   backend="cpu")
+    return time_interleaved({"face": _cascade(f), "plan.run": lambda: plan.run(f.q, f.k_cache, f.v_cache)},
+                            rounds=rounds)
+
+
 def rates() -> tuple[float, float]:
     """This machine's copy bandwidth (GB/s) and fp32 matmul rate (GFLOP/s), measured now."""
     x = torch.randn(32 * 2**20)  # 128 MiB, far out of cache
     y = torch.empty_like(x)
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     t = time_interleaved({"copy": lambda: y.copy_(x), "mm": lambda: torch.mm(a, b)}, rounds=7)
-    return 2 * x.numel() * 4 / t["copy"] / 1e9, 2 * 1024**3 / t["mm"] / 1e9
+    return 2 * x.numel() * 4 / t["copy"] / 1e9, 2 * 2048**3 / t["mm"] / 1e9
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -109,6 +121,15 @@ def run(argv: list[str] | None = None) -> int:
                     + markdown_table(["forkdec attention ms", "SDPA + dense mask ms", "speedup (target 2x)"],
                                      [[f"{t['attention + tree mask'] * 1e3:.2f}",
                                        f"{t['SDPA + dense bool mask'] * 1e3:.2f}", f"{ratio:.1f}x"]]))
+    print(sections[-1])
+
+    t = plan_split(args.rounds, *((8, 256, 16) if q else ()))
+    saved = t["face"] - t["plan.run"]
+    sections.append("## Plan/run split (SmolLM2 shapes, 64 paths, 4096-token prompt, one layer's call)\n\n"
+                    + markdown_table(["cascade_attention(levels) ms", "CascadePlan.run ms", "saved per layer ms",
+                                      "saved per 30-layer step ms"],
+                                     [[f"{t['face'] * 1e3:.3f}", f"{t['plan.run'] * 1e3:.3f}",
+                                       f"{saved * 1e3:.3f}", f"{30 * saved * 1e3:.2f}"]]))
     print(sections[-1])
 
     scaling = {"paths": [], "prompt": []}

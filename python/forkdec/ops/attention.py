@@ -172,18 +172,33 @@ def validate_attention(q: Tensor, qo_indptr: Tensor, k_cache: Tensor, v_cache: T
                        kv_indices: Tensor, kv_last_page_len: Tensor, custom_mask: Tensor | None,
                        sm_scale: float | None, prefix: str = "") -> None:
     """Every check that keeps a kernel in bounds; ValueError naming the argument."""
+    validate_tensors(q, k_cache, v_cache, sm_scale)
+    validate_page_table(q.shape[0], k_cache.shape[0], k_cache.shape[1], qo_indptr, kv_indptr, kv_indices,
+                        kv_last_page_len, custom_mask, prefix)
+
+
+def validate_tensors(q: Tensor, k_cache: Tensor, v_cache: Tensor, sm_scale: float | None) -> None:
+    """Shapes and dtypes of q and the caches (cheap: no data is read)."""
     require(q.dim() == 3, "q", f"expected [total_q, Hq, D], got shape {tuple(q.shape)}")
     require(q.dtype in DTYPES, "q", f"dtype {q.dtype} not supported (fp32, fp16, bf16)")
     require(k_cache.dim() == 4, "k_cache", f"expected [num_pages, page_size, Hkv, D], got {tuple(k_cache.shape)}")
     require(v_cache.shape == k_cache.shape, "v_cache", f"shape {tuple(v_cache.shape)} != k_cache {tuple(k_cache.shape)}")
     require(k_cache.dtype == q.dtype and v_cache.dtype == q.dtype, "k_cache",
             f"dtype {k_cache.dtype}/{v_cache.dtype} must match q's {q.dtype}")
-    total_q, hq, d = q.shape
-    num_pages, page_size, hkv, dk = k_cache.shape
+    _, hq, d = q.shape
+    _, page_size, hkv, dk = k_cache.shape
     require(d in HEAD_DIMS, "q", f"head dim {d} not supported; expected one of {HEAD_DIMS}")
     require(dk == d, "k_cache", f"head dim {dk} != q's {d}")
     require(hkv > 0 and hq % hkv == 0, "q", f"Hq = {hq} is not a multiple of Hkv = {hkv}")
     require(page_size > 0, "k_cache", "page_size must be positive")
+    require(sm_scale is None or (isinstance(sm_scale, (int, float)) and sm_scale > 0), "sm_scale",
+            f"must be a positive float, got {sm_scale!r}")
+
+
+def validate_page_table(total_q: int, num_pages: int, page_size: int, qo_indptr: Tensor, kv_indptr: Tensor,
+                        kv_indices: Tensor, kv_last_page_len: Tensor, custom_mask: Tensor | None,
+                        prefix: str = "") -> None:
+    """The metadata against the sizes it indexes (reads the index tensors)."""
     _require_indptr(qo_indptr, prefix + "qo_indptr", None, total_q)
     batch = qo_indptr.numel() - 1
     require(int(qo_indptr[-1]) == total_q, prefix + "qo_indptr", f"ends at {int(qo_indptr[-1])}, q has {total_q} rows")
@@ -199,8 +214,6 @@ def validate_attention(q: Tensor, qo_indptr: Tensor, k_cache: Tensor, v_cache: T
     last = kv_last_page_len.long()
     require(bool(((last >= 1) & (last <= page_size) | ~has_pages).all()), prefix + "kv_last_page_len",
             f"must be in [1, page_size = {page_size}] for every request with pages")
-    require(sm_scale is None or (isinstance(sm_scale, (int, float)) and sm_scale > 0), "sm_scale",
-            f"must be a positive float, got {sm_scale!r}")
     if custom_mask is not None:
         qo_len = (qo_indptr[1:] - qo_indptr[:-1]).long()
         kv_len = torch.where(has_pages, (kv_indptr[1:] - kv_indptr[:-1]).long().sub(1) * page_size + last, 0)
