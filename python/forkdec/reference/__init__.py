@@ -3,6 +3,8 @@
 One function per op, reused by the tests and the benchmarks.
 """
 from forkdec.reference.attention import append_kv, attention, cascade_attention, merge_state, merge_states
+from forkdec.reference.sampling import filtered_probs, sample
 from forkdec.reference.softmax import softmax
 
-__all__ = ["append_kv", "attention", "cascade_attention", "merge_state", "merge_states", "softmax"]
+__all__ = ["append_kv", "attention", "cascade_attention", "filtered_probs", "merge_state", "merge_states", "sample",
+           "softmax"]
