@@ -68,6 +68,8 @@ def _sample_kernel(x_ptr, row_ids_ptr, u_ptr, t_ptr, k_ptr, p_ptr, min_p_ptr, ou
     if t == 0:
         tl.store(out_ptr + r, tl.where(usable, first, -1).to(tl.int64))
     else:
+        # A row without a finite max stores -1 below; 0 keeps its exp finite meanwhile.
+        top = tl.where(usable, top, 0.0)
         top_key = _key(top)
         # top-k threshold key (KEY_BELOW_ALL: off).
         k_key = tl.full((), KEY_BELOW_ALL, tl.int64)

@@ -374,10 +374,17 @@ auto with_type(const void* x, DType dtype, const F& f) {
 // goes on below it, with their mass carried in `above`) or is not (then no
 // smaller weight is; the search goes on above it). Each round drops the pivot,
 // and with a median-of-three pivot the expected work is linear.
-float top_p_threshold(const float* w, int64_t n, double limit, std::vector<float>& undecided) {
+//
+// Weights below floor = (total - limit) / n never matter: were the threshold
+// below one of them, every weight >= floor would be kept with less than
+// `limit` above the threshold, leaving more than total - limit to the n
+// weights below floor, which is impossible. So only the (usually few) weights
+// >= floor enter the search; an exact cut, not a heuristic.
+float top_p_threshold(const float* w, int64_t n, double total, double limit, std::vector<float>& undecided) {
+  const float floor = static_cast<float>((total - limit) / static_cast<double>(n) * (1.0 - 1e-6));
   undecided.clear();
   for (int64_t i = 0; i < n; ++i) {
-    if (w[i] > 0) undecided.push_back(w[i]);
+    if (w[i] > 0 && w[i] >= floor) undecided.push_back(w[i]);
   }
   double above = 0;    // mass of the weights above every undecided one
   float smallest = kInf;  // the smallest weight known to be kept
@@ -408,7 +415,7 @@ float top_p_threshold(const float* w, int64_t n, double limit, std::vector<float
 void apply_filters(float* w, int64_t n, double total, const SampleParams& p, std::vector<float>& buffer) {
   float threshold = p.min_p;  // min-p: the largest weight is exactly 1
   if (p.top_p < 1.0f) {
-    threshold = std::max(threshold, top_p_threshold(w, n, static_cast<double>(p.top_p) * total, buffer));
+    threshold = std::max(threshold, top_p_threshold(w, n, total, static_cast<double>(p.top_p) * total, buffer));
   }
   if (threshold > 0) {
     for (int64_t i = 0; i < n; ++i) w[i] = w[i] >= threshold ? w[i] : 0.0f;

@@ -9,6 +9,7 @@ backends agree on tokens up to rounding at the boundaries.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -90,7 +91,7 @@ def _is_number(v: object) -> bool:
 
 
 def _check_param(name: str, value: Param, out_rows: int, device: torch.device, integer: bool,
-                 ok: "callable", bound: str) -> None:
+                 ok: Callable[[Tensor], Tensor], bound: str) -> None:
     if isinstance(value, Tensor):
         if integer:
             require(not value.is_floating_point() and not value.is_complex() and value.dtype != torch.bool, name,
