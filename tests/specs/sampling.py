@@ -91,7 +91,7 @@ CASES = [
           top_p=_per_row(0.5, 1.0), min_p=_per_row(0.0, 0.2)),
     _case("greedy_and_sampled_rows", (4, 30), temperature=lambda x, g: torch.tensor([0.0, 1.0, 0.0, 0.7])),
     _case("row_ids_fan_out", (3, 60), row_ids=_fan_out, top_k=20, top_p=0.9),
-    _case("row_ids_per_output_params", (2, 60), row_ids=_fan_out, temperature=lambda x, g: torch.rand(5) + 0.2),
+    _case("row_ids_per_output_params", (2, 60), row_ids=_fan_out, temperature=lambda x, g: torch.rand(5, generator=g) + 0.2),
     _case("row_ids_empty", (2, 10), row_ids=lambda x, g: torch.zeros(0, dtype=torch.long)),
     _case("rows0", (0, 7)),
     _case("transposed", (50, 3), view=lambda x: x.t(), top_k=7),
