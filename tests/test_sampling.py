@@ -4,12 +4,14 @@ agreement between backends and instruction sets, and bad input.
 
 Statistical tests: N draws from one row (fanned out with row_ids), a Pearson
 chi-square against N * filtered_probs (tokens with expected count < 5 pooled
-into one bin), rejected above the chi-square quantile at 1e-6 (Wilson-Hilferty):
-with fixed seeds a correct sampler passes deterministically, and a sampler off
-by a few percent on any token with >= 1% probability fails (at N = 40k, such an
-error shifts the statistic by ~(0.03 * 400)^2 / 400 ... per token, far above the
-quantile). Tokens with filtered probability 0 must never be drawn: that part is
-exact and catches a wrong filter boundary regardless of N.
+into one bin), rejected above the chi-square quantile at 1e-6 (Wilson-Hilferty
+approximation). With fixed seeds a correct sampler passes deterministically; a
+token of probability q whose frequency is off by a relative d adds about
+N q d^2 to the statistic, so at N = 40k whole-distribution errors such as a
+temperature off by 10% fail by far (test_the_chi_square_check_can_fail), while
+sub-percent biases on single tokens would not. Tokens with filtered probability
+0 must never be drawn: that part is exact and catches a wrong filter boundary
+regardless of N.
 """
 import math
 import zlib
