@@ -28,4 +28,11 @@ TORCH_LIBRARY(forkdec, m) {
   m.def("merge_state(Tensor o_a, Tensor lse_a, Tensor o_b, Tensor lse_b) -> (Tensor out, Tensor lse_out)");
   // Write k, v [N, Hkv, D] at slots [N] (slot = page * page_size + offset).
   m.def("append_kv(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor slots) -> ()");
+
+  // One token per output row r (int64 [R], R = uniforms.numel()) drawn from
+  // logits[row_ids[r]] (logits [B, V]; row r when row_ids is None) with
+  // uniforms[r] in [0, 1), after temperature, top-k, top-p and min-p
+  // (semantics: docs/sampling.md). Each row_* tensor [R] replaces its scalar.
+  m.def("sample(Tensor logits, Tensor uniforms, Tensor? row_ids, float temperature, Tensor? row_temperature, "
+        "int top_k, Tensor? row_top_k, float top_p, Tensor? row_top_p, float min_p, Tensor? row_min_p) -> Tensor");
 }

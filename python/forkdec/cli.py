@@ -11,8 +11,10 @@ from typing import Callable
 BENCH_AREAS: dict[str, str] = {
     "softmax": "forkdec.bench.softmax",
     "attention": "forkdec.bench.attention",
+    "sampling": "forkdec.bench.sampling",
     "gpu-softmax": "forkdec.bench.gpu_softmax",
     "gpu-attention": "forkdec.bench.gpu_attention",
+    "gpu-sampling": "forkdec.bench.gpu_sampling",
 }
 
 

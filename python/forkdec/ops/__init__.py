@@ -2,7 +2,9 @@
 from forkdec.ops.attention import (CascadeLevel, append_kv, attention, cascade_attention, merge_state,
                                    merge_states)
 from forkdec.ops.cascade_plan import CascadePlan
+from forkdec.ops.sampling import sample
 from forkdec.ops.softmax import softmax
 from forkdec.ops.xquant import xquant_attention
 
-__all__ = ["CascadeLevel", "CascadePlan", "append_kv", "attention", "cascade_attention", "merge_state", "merge_states", "softmax", "xquant_attention"]
+__all__ = ["append_kv", "attention", "cascade_attention", "CascadeLevel", "CascadePlan", "merge_state",
+           "merge_states", "sample", "softmax", "xquant_attention"]

@@ -1,0 +1,182 @@
+"""GPU microbenchmark of sampling with top-k + top-p from logits: the PyTorch
+pipeline (bench/sampling.py torch_sample), forkdec's Triton kernel and
+FlashInfer's top_k_top_p_sampling_from_logits, timed with
+triton.testing.do_bench (median).
+
+Achieved GB/s counts one read of the logits (a sampler's minimum traffic) and
+is compared with this device's copy bandwidth (1 read + 1 write, timed the same
+way) and its nominal peak. On a GPU it writes bench/results/gpu_sampling.md.
+`--dry-run` (no GPU needed; TRITON_INTERPRET=1 for the Triton kernel) lists the
+cases and runs every implementation once on a tiny CPU input, checking that
+each token lies in the support of forkdec.reference.filtered_probs.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+from typing import Callable, Optional
+
+import torch
+
+from forkdec.bench.gpu_softmax import nominal_peak_gbs
+from forkdec.bench.sampling import torch_sample
+
+SHAPES = [(64, 49152), (256, 151936)]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+TEMPERATURE, TOP_K, TOP_P = 0.8, 50, 0.9
+DRY_RUN_SHAPE = (3, 300)
+
+Impl = Callable[[torch.Tensor], torch.Tensor]
+
+
+def implementations(device: torch.device) -> dict[str, Impl | str]:
+    """Each implementation as logits -> int64 tokens [rows], or why it cannot run on `device`."""
+    impls: dict[str, Impl | str] = {
+        "torch (sort + multinomial)": lambda x: torch_sample(x.float(), TEMPERATURE, TOP_K, TOP_P).squeeze(1)}
+
+    if importlib.util.find_spec("triton") is None:
+        impls["forkdec triton"] = "triton is not installed"
+    elif device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        impls["forkdec triton"] = "CPU tensors need TRITON_INTERPRET=1"
+    else:
+        from forkdec.triton_kernels.sampling import sample_rows
+
+        def triton_sample(x: torch.Tensor) -> torch.Tensor:
+            rows = x.shape[0]
+            tokens = torch.empty(rows, dtype=torch.int64, device=x.device)
+            full = lambda v, dtype: torch.full((rows,), v, dtype=dtype, device=x.device)  # noqa: E731
+            sample_rows(x, torch.arange(rows, device=x.device), torch.rand(rows, device=x.device),
+                        full(TEMPERATURE, torch.float32), full(TOP_K, torch.int64), full(TOP_P, torch.float32),
+                        full(0.0, torch.float32), tokens)
+            return tokens
+        impls["forkdec triton"] = triton_sample
+
+    if importlib.util.find_spec("flashinfer") is None:
+        impls["flashinfer"] = "flashinfer is not installed"
+    elif device.type != "cuda":
+        impls["flashinfer"] = "flashinfer runs on CUDA tensors only"
+    else:
+        import flashinfer
+
+        # top_k_top_p_sampling_from_logits(logits, top_k, top_p, ...) applies top-k then top-p.
+        impls["flashinfer"] = lambda x: flashinfer.sampling.top_k_top_p_sampling_from_logits(
+            x / TEMPERATURE, TOP_K, TOP_P).long()
+    return impls
+
+
+def make_input(shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    g = torch.Generator(device=device).manual_seed(0)
+    return (torch.randn(shape, generator=g, device=device) * 4).to(dtype)
+
+
+def out_of_support(impl: Impl, x: torch.Tensor) -> int:
+    """How many rows got a token outside the filtered distribution's support."""
+    from forkdec import reference
+
+    tokens = impl(x)
+    assert tokens.dtype == torch.int64 and tokens.shape == (x.shape[0],), (tokens.dtype, tokens.shape)
+    probs = reference.filtered_probs(x, temperature=TEMPERATURE, top_k=TOP_K, top_p=TOP_P)
+    return int((probs.gather(1, tokens[:, None].clamp(0, x.shape[1] - 1)) == 0).sum())
+
+
+def dry_run(cases: list[tuple[tuple[int, int], str]]) -> int:
+    device = torch.device("cpu")
+    print("dry run: on a GPU this would time, with triton.testing.do_bench (median ms):")
+    for shape, dtype_name in cases:
+        nbytes = shape[0] * shape[1] * DTYPES[dtype_name].itemsize
+        print(f"  {shape[0]}x{shape[1]} {dtype_name}: {', '.join(implementations(device))}; "
+              f"{nbytes / 2**20:.0f} MiB of logits read")
+    print("  plus a device-to-device copy for the measured bandwidth; peak from the device name table")
+    print(f"plumbing check on CPU tensors {DRY_RUN_SHAPE[0]}x{DRY_RUN_SHAPE[1]}:")
+    failures = 0
+    for dtype_name in sorted({d for _, d in cases}):
+        x = make_input(DRY_RUN_SHAPE, DTYPES[dtype_name], device)
+        for name, impl in implementations(device).items():
+            if isinstance(impl, str):
+                print(f"  {dtype_name} {name}: skipped ({impl})")
+                continue
+            bad = out_of_support(impl, x)
+            failures += bad
+            print(f"  {dtype_name} {name}: ran, {bad} token(s) outside the filtered support")
+    return 1 if failures else 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m forkdec.bench.gpu_sampling", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default=",".join(f"{r}x{c}" for r, c in SHAPES),
+                        help="comma-separated ROWSxVOCAB shapes")
+    parser.add_argument("--dtypes", default=",".join(DTYPES), help=f"comma-separated, of {', '.join(DTYPES)}")
+    parser.add_argument("--out", help="results folder (default: bench/results in a checkout)")
+    parser.add_argument("--dry-run", action="store_true", help="no GPU: check the plumbing on a tiny CPU input")
+    args = parser.parse_args(argv)
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    dtype_names = args.dtypes.split(",")
+    unknown = [d for d in dtype_names if d not in DTYPES]
+    if unknown:
+        parser.error(f"--dtypes: unknown {', '.join(unknown)}; expected {', '.join(DTYPES)}")
+    cases = [(shape, d) for d in dtype_names for shape in shapes]
+    if args.dry_run:
+        return dry_run(cases)
+    if not torch.cuda.is_available():
+        raise SystemExit("gpu_sampling: no CUDA device (use --dry-run to check the plumbing)")
+    return measure(cases, args.out)
+
+
+def measure(cases: list[tuple[tuple[int, int], str]], out_dir: Optional[str]) -> int:
+    from triton.testing import do_bench
+
+    from forkdec.bench.common import machine_facts, markdown_table, results_dir, write_report
+
+    device = torch.device("cuda")
+    props = torch.cuda.get_device_properties(device)
+    src = torch.empty(2**28 // 4, dtype=torch.float32, device=device)  # 256 MiB
+    dst = torch.empty_like(src)
+    copy_gbs = 2 * src.numel() * 4 / (do_bench(lambda: dst.copy_(src), return_mode="median") * 1e-3) / 1e9
+    del src, dst
+    peak = nominal_peak_gbs(props.name, props.total_memory)
+    impls = implementations(device)
+
+    rows = []
+    for shape, dtype_name in cases:
+        x = make_input(shape, DTYPES[dtype_name], device)
+        nbytes = x.numel() * x.element_size()
+        for name, impl in impls.items():
+            label = [f"{shape[0]}x{shape[1]}", dtype_name, name]
+            if isinstance(impl, str):
+                rows.append(label + ["-"] * 5 + [f"n/a: {impl}"])
+                continue
+            try:
+                bad = out_of_support(impl, x)
+                ms = do_bench(lambda: impl(x), return_mode="median")
+            except Exception as e:  # e.g. a dtype an external kernel does not take
+                rows.append(label + ["-"] * 5 + [f"error: {type(e).__name__}: {str(e).splitlines()[0][:80]}"])
+                continue
+            gbs = nbytes / (ms * 1e-3) / 1e9
+            rows.append(label + [f"{ms:.3f}", f"{gbs:.0f}", f"{gbs / copy_gbs:.0%}",
+                                 f"{gbs / peak:.0%}" if peak else "-", str(bad), ""])
+            print(" | ".join(rows[-1]))
+        del x
+        torch.cuda.empty_cache()
+
+    header = ["shape", "dtype", "implementation", "ms", "GB/s", "of copy", "of peak", "off-support tokens", "note"]
+    table = markdown_table(header, rows)
+    print(table)
+    facts = machine_facts({
+        "gpu": f"{props.name}, {props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs",
+        "torch CUDA": str(torch.version.cuda),
+        "copy bandwidth (measured)": f"{copy_gbs:.0f} GB/s (256 MiB device-to-device copy_, 1 read + 1 write)",
+        "nominal peak": f"{peak:.0f} GB/s" if peak else "device not in the table (see 'of copy')",
+        "settings": f"temperature {TEMPERATURE}, top_k {TOP_K}, top_p {TOP_P}",
+        "timing": "triton.testing.do_bench, median ms",
+        "GB/s": "one read of the logits",
+    })
+    write_report(results_dir(out_dir) / "gpu_sampling.md", "Sampling on the GPU", facts, table)
+    return 0
+
+
+run = main  # `forkdec bench <area>` calls run(argv)
+
+if __name__ == "__main__":
+    raise SystemExit(main())
