@@ -362,3 +362,22 @@ def test_triton_agrees_on_a_random_forest():
     a = verify_tree_sampling(*args, **kw, backend="triton")
     b = verify_tree_sampling(*args, **kw, backend="reference")
     assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+# ---- benchmark plumbing (tiny sizes; the numbers live in bench/results) ------------------------
+
+def test_speculative_verify_bench_writes_its_report(tmp_path):
+    if forkdec._extension.load() is None:
+        pytest.skip(f"C++ extension unavailable: {forkdec._extension.error()}")
+    from forkdec.bench import speculative_verify
+
+    assert speculative_verify.run(["--requests", "3", "--nodes", "5", "--vocab", "300", "--rounds", "1",
+                                   "--reference-rounds", "1", "--no-proxy", "--out", str(tmp_path)]) == 0
+    report = (tmp_path / "speculative_verify.md").read_text()
+    assert "cpu ms" in report and "3 requests x 5-node" in report
+
+
+def test_gpu_speculative_bench_plumbing_runs_on_cpu():
+    from forkdec.bench import gpu_speculative
+
+    assert gpu_speculative.main(["--dry-run"]) == 0
