@@ -213,7 +213,7 @@ def _require_distribution(p: Tensor, name: str, device: torch.device) -> None:
     if p.numel() == 0:
         return
     require(bool((p >= 0).all()), name, "entries must be non-negative and not NaN (a probability distribution)")
-    sums = p.float().sum(-1)
+    sums = p.sum(-1, dtype=torch.float32)  # no fp32 copy of a 16-bit tensor
     # fp16/bf16 rows carry a relative rounding of up to 2^-8 per entry, so their sums may be off by as much
     tol = 1e-3 if p.dtype == torch.float32 else 1e-2
     bad = (sums - 1).abs() > tol
