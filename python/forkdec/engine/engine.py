@@ -249,7 +249,8 @@ class _Run:
         tokens = self.sample(logits, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, min_p=p.min_p,
                              generator=self.generator, row_ids=row_ids)
         rows = row_ids if row_ids is not None else torch.arange(len(paths))
-        logprobs = torch.log_softmax(logits, dim=-1)[rows, tokens].tolist()
+        # log p(token) = logit - logsumexp(row): one reduction instead of a full log_softmax.
+        logprobs = (logits[rows, tokens] - torch.logsumexp(logits, dim=-1)[rows]).tolist()
         for path, tok, lp in zip(paths, tokens.tolist(), logprobs):
             if path.finished:  # cancelled by an early stop earlier in this loop: its draw is dropped
                 continue
