@@ -45,13 +45,13 @@ setup(
     version="0.1.0",
     description="Kernels and a minimal engine for decoding many reasoning paths of one prompt in one batch",
     python_requires=">=3.10",
-    packages=["forkdec", "forkdec.ops", "forkdec.reference", "forkdec.triton_kernels", "forkdec.bench"],
+    packages=["forkdec", "forkdec.ops", "forkdec.reference", "forkdec.models", "forkdec.triton_kernels", "forkdec.bench"],
     package_dir={"forkdec": "python/forkdec", "forkdec.triton_kernels": "triton_kernels",
                  "forkdec.bench": "bench"},
     # A range that an installed torch satisfies installs nothing more: a CUDA torch stays.
-    install_requires=["torch>=2.4", "numpy"],
+    install_requires=["torch>=2.4", "numpy", "gguf>=0.10", "tokenizers>=0.19", "jinja2", "safetensors"],
     extras_require={
-        "test": ["pytest", "triton", "matplotlib"],
+        "test": ["pytest", "triton", "matplotlib", "transformers>=4.46", "accelerate"],
         "bench": ["matplotlib"],
     },
     entry_points={"console_scripts": ["forkdec=forkdec.cli:main"]},

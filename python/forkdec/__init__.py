@@ -8,5 +8,16 @@ from forkdec.backends import BackendUnavailable, available_backends
 from forkdec.validation import set_validation, validation, validation_enabled
 
 __version__ = "0.1.0"
-__all__ = ["ops", "BackendUnavailable", "available_backends", "set_validation", "validation",
-           "validation_enabled"]
+__all__ = ["ops", "BackendUnavailable", "Engine", "SamplingParams", "available_backends", "set_validation",
+           "validation", "validation_enabled"]
+
+_ENGINE_EXPORTS = ("Engine", "SamplingParams", "Completion")
+
+
+def __getattr__(name: str):
+    # The engine is imported on first use so that `import forkdec` stays light.
+    if name in _ENGINE_EXPORTS:
+        from forkdec import engine
+
+        return getattr(engine, name)
+    raise AttributeError(f"module 'forkdec' has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""The `forkdec` command line: `forkdec bench <area>`.
+"""The `forkdec` command line: `forkdec generate "PROMPT" -n 16 ...`, `forkdec bench <area>`.
 
 User errors print one line to stderr and exit with code 2, without a traceback.
 """
@@ -15,6 +15,7 @@ BENCH_AREAS: dict[str, str] = {
     "gpu-softmax": "forkdec.bench.gpu_softmax",
     "gpu-attention": "forkdec.bench.gpu_attention",
     "gpu-sampling": "forkdec.bench.gpu_sampling",
+    "engine": "forkdec.bench.engine",
 }
 
 
@@ -30,7 +31,13 @@ def _bench(argv: list[str]) -> int:
     return importlib.import_module(BENCH_AREAS[area]).run(rest)
 
 
-COMMANDS: dict[str, Callable[[list[str]], int]] = {"bench": _bench}
+def _generate(argv: list[str]) -> int:
+    from forkdec.engine.cli import run  # lazy: `forkdec bench` should not pay for the engine
+
+    return run(argv)
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {"bench": _bench, "generate": _generate}
 
 
 def main(argv: list[str] | None = None) -> int:

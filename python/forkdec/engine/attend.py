@@ -1,0 +1,43 @@
+"""The `attend(layer, q, k, v)` callback the model calls in every layer.
+
+It writes the new tokens' K/V into the paged cache (append_kv) and runs
+attention with the step's metadata. The metadata is validated once per step
+(in the first layer, by the ops' own checks, or by CascadePlan when this tree
+has it); every other layer runs with validation off.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import Tensor
+
+import forkdec.ops as ops
+from forkdec.engine.kv_cache import PagedKVCache
+from forkdec.engine.metadata import StepBatch
+from forkdec.validation import validation, validation_enabled
+
+Attend = Callable[[int, Tensor, Tensor, Tensor], Tensor]
+
+
+def make_attend(batch: StepBatch, cache: PagedKVCache, *, prefill: bool) -> Attend:
+    check = [validation_enabled()]  # cleared after the first layer
+    plan = None
+    if not prefill and hasattr(ops, "CascadePlan"):
+        plan = ops.CascadePlan(batch.levels, num_pages=cache.num_pages, page_size=cache.page_size,
+                               total_q=int(batch.tokens.numel()))
+
+    def attend(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        k_cache, v_cache = cache.layer(layer)
+        with validation(check[0]):
+            check[0] = False
+            ops.append_kv(k_cache, v_cache, k.to(k_cache.dtype), v.to(v_cache.dtype), batch.slots)
+            q = q.to(k_cache.dtype)
+            if prefill:
+                lv = batch.levels[0]
+                return ops.attention(q, lv.qo_indptr, k_cache, v_cache, lv.kv_indptr, lv.kv_indices,
+                                     lv.kv_last_page_len, causal=True)
+            if plan is not None:
+                return plan.run(q, k_cache, v_cache)
+            return ops.cascade_attention(q, k_cache, v_cache, batch.levels)
+
+    return attend

@@ -1,0 +1,150 @@
+"""`forkdec generate "PROMPT" -n 16 ...`: decode many paths, vote, print stats.
+
+User errors (bad option, empty prompt, n < 1, unreadable or unsupported model
+file, too many new tokens for the context) raise ValueError naming the
+argument; `forkdec.cli.main` prints it as one line and exits with code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from forkdec.engine.completion import Completion, GenerateStats
+from forkdec.engine.params import SamplingParams
+from forkdec.engine.progress import ProgressBar
+from forkdec.validation import require
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, instead of usage + message
+        raise ValueError(message)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="forkdec generate", description="Decode N reasoning paths of one prompt and vote.")
+    p.add_argument("prompt", help="the user message (wrapped in the chat template unless --raw)")
+    p.add_argument("-n", type=int, default=16, help="paths to decode (default 16)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--vote", choices=["majority", "first-finish", "best-logprob"], default="majority")
+    p.add_argument("--first-k", type=int, default=None,
+                   help="first-finish: stop after this many paths finish (default max(1, n // 4))")
+    p.add_argument("--json", metavar="PATH", help="also write the result as JSON")
+    p.add_argument("--model", metavar="PATH", help="GGUF file (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="compute dtype (default: the loader's)")
+    p.add_argument("--max-kv-bytes", type=int, default=None, help="KV cache budget in bytes")
+    p.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    return p
+
+
+def load(path: str | None, dtype: torch.dtype | None) -> tuple[Any, Any]:
+    """The model and tokenizer; any failure to read the file is the `model` argument's fault."""
+    if path is not None:
+        require(Path(path).exists(), "model", f"no such file or directory: {path}")
+    try:
+        from forkdec.models import load_model
+    except ImportError as e:
+        raise ValueError(f"model: forkdec.models is not available in this install ({e})") from None
+    try:
+        return load_model(path, dtype=dtype)
+    except (ValueError, OSError, KeyError, IndexError, TypeError, NotImplementedError, RuntimeError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(msg if msg.startswith("model") else f"model: cannot load {path or 'the default model'}: {msg}") from None
+
+
+def _compact(text: str, width: int = 90) -> str:
+    flat = " ".join(text.split())
+    if len(flat) <= width:
+        return flat
+    half = (width - 5) // 2
+    return flat[:half] + " ... " + flat[-half:]
+
+
+def _mib(b: int) -> str:
+    return f"{b / 2**20:.1f} MiB"
+
+
+def run(argv: list[str]) -> int:
+    from forkdec import strategies
+    from forkdec.engine.engine import Engine
+
+    args = parser().parse_args(argv)
+    require(args.prompt.strip() != "", "prompt", "is empty")
+    require(args.n >= 1, "n", f"must be >= 1, got {args.n}")
+    require(args.first_k is None or args.first_k >= 1, "first-k", f"must be >= 1, got {args.first_k}")
+    require(args.max_kv_bytes is None or args.max_kv_bytes > 0, "max-kv-bytes", "must be positive")
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                            max_new_tokens=args.max_new_tokens, stop=tuple(args.stop), seed=args.seed)
+    model, tokenizer = load(args.model, DTYPES.get(args.dtype))
+    engine = Engine(model, tokenizer=tokenizer, kv_budget_bytes=args.max_kv_bytes)
+    k = args.first_k or max(1, args.n // 4)
+    early = strategies.first_finish_stopper(k) if args.vote == "first-finish" else None
+    bar = ProgressBar(sys.stderr, force=False) if not args.no_progress else None
+    try:
+        paths = engine.generate(args.prompt, args.n, params, chat=not args.raw, progress=bar,
+                                early_stop=early)[0]
+    finally:
+        if bar is not None:
+            bar.close()
+    vote = strategies.first_finish(paths, k) if args.vote == "first-finish" else strategies.STRATEGIES[args.vote](paths)
+    stats = engine.last_stats
+    assert stats is not None
+    _print(paths, vote, stats, args.vote)
+    if args.json:
+        Path(args.json).write_text(json.dumps(_result(args, params, paths, vote, stats), indent=2))
+    return 0
+
+
+def _print(paths: list[Completion], vote: Any, stats: GenerateStats, strategy: str) -> None:
+    from forkdec.strategies import extract_answer
+
+    print(f"{'path':>4}  {'finish':<9} {'tokens':>6}  {'mean lp':>7}  {'answer':<10} text")
+    for i, c in enumerate(paths):
+        ans = extract_answer(c.text) if c.finish_reason != "cancelled" else None
+        mark = "*" if i == vote.chosen else " "
+        print(f"{i:>4}{mark} {c.finish_reason:<9} {len(c.token_ids):>6}  {c.mean_logprob:>7.3f}  "
+              f"{(ans or '-')[:10]:<10} {_compact(c.text)}")
+    counts = ", ".join(f"{a} x{n}" for a, n in vote.votes.items()) or "none"
+    print(f"\nanswer: {vote.answer}   ({strategy}; votes: {counts}; {len(vote.considered)} paths considered)")
+    print(f"stats: {len(paths)} paths, {stats.generated_tokens} tokens in {stats.seconds:.2f} s "
+          f"({stats.tokens_per_second:.1f} tok/s; prefill {stats.prefill_seconds:.2f} s of "
+          f"{sum(stats.prompt_tokens)} prompt tokens; largest batch {stats.max_batch})")
+    print(f"KV: {_mib(stats.kv_bytes_peak)} held at peak, prompt {_mib(stats.kv_bytes_prompts)} stored once; "
+          f"per-path prompt copies would need {_mib(stats.kv_bytes_if_copied)}")
+
+
+def _result(args: argparse.Namespace, params: SamplingParams, paths: list[Completion], vote: Any,
+            stats: GenerateStats) -> dict:
+    from forkdec.strategies import extract_answer
+
+    return {
+        "prompt": args.prompt, "n": args.n, "model": args.model or "default (SmolLM2-135M-Instruct GGUF)",
+        "params": {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k,
+                   "min_p": params.min_p, "max_new_tokens": params.max_new_tokens, "stop": list(params.stop),
+                   "seed": params.seed, "chat": not args.raw},
+        "paths": [{"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason,
+                   "cumulative_logprob": c.cumulative_logprob if math.isfinite(c.cumulative_logprob) else None,
+                   "finish_order": c.finish_order,
+                   "answer": extract_answer(c.text) if c.finish_reason != "cancelled" else None} for c in paths],
+        "vote": {"strategy": vote.strategy, "answer": vote.answer, "votes": vote.votes, "chosen": vote.chosen,
+                 "considered": vote.considered},
+        "stats": {"generated_tokens": stats.generated_tokens, "seconds": stats.seconds,
+                  "tokens_per_second": stats.tokens_per_second, "prefill_seconds": stats.prefill_seconds,
+                  "prompt_tokens": stats.prompt_tokens[0], "decode_steps": stats.decode_steps,
+                  "max_batch": stats.max_batch, "kv_bytes_peak": stats.kv_bytes_peak,
+                  "kv_bytes_prompt": stats.kv_bytes_prompts, "kv_bytes_if_copied": stats.kv_bytes_if_copied},
+    }

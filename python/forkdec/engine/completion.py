@@ -1,0 +1,51 @@
+"""What `Engine.generate` returns per path, and the run's statistics."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Completion:
+    """One decoded path.
+
+    token_ids: generated tokens, including the stop/EOS token that ended the path.
+    text: decoded `token_ids` without special tokens, cut before a matched stop string.
+    finish_reason: "stop" (EOS, stop token or stop string), "length" (max_new_tokens),
+        or "cancelled" (an early-stop callback ended its prompt first).
+    cumulative_logprob: sum over token_ids of log p(token) under the model's own
+        distribution, softmax(logits) at temperature 1 before any filter, so
+        values are comparable across sampling settings.
+    finish_order: 0 for the first path of its prompt to finish, 1 for the next, ...
+    """
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    cumulative_logprob: float
+    finish_order: int = -1
+
+    @property
+    def mean_logprob(self) -> float:
+        return self.cumulative_logprob / max(1, len(self.token_ids))
+
+
+@dataclass
+class GenerateStats:
+    """Counters of the last `generate` call (Engine.last_stats)."""
+    prompt_tokens: list[int] = field(default_factory=list)
+    generated_tokens: int = 0
+    decode_steps: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    kv_bytes_per_token: int = 0
+    kv_bytes_peak: int = 0          # pages held at the busiest step, prompt pages included
+    kv_bytes_if_copied: int = 0     # the same step if every path held its own copy of its prompt
+    kv_bytes_prompts: int = 0       # the prompts' pages, held once each
+    max_batch: int = 0
+
+    @property
+    def seconds(self) -> float:
+        return self.prefill_seconds + self.decode_seconds
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.generated_tokens / self.seconds if self.seconds > 0 else 0.0

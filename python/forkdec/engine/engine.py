@@ -1,0 +1,312 @@
+"""forkdec.Engine: many sampled paths per prompt, prompts prefilled once and shared.
+
+Each prompt is prefilled once into the paged cache; all its paths read those
+pages through level 0 of a cascade and their own tokens through level 1.
+Paths of every prompt decode together, one token each per step; a path that
+finishes leaves the batch and frees its pages at once. A path is admitted only
+with every page it could need reserved, so decoding never runs out of memory;
+paths that do not fit wait until pages are freed.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+import forkdec.ops as ops
+from forkdec.engine.attend import make_attend
+from forkdec.engine.completion import Completion, GenerateStats
+from forkdec.engine.kv_cache import PagedKVCache
+from forkdec.engine.metadata import decode_batch, prefill_batch
+from forkdec.engine.params import SamplingParams
+from forkdec.engine.progress import Progress
+from forkdec.engine.state import PathState, PromptState
+from forkdec.engine.stops import StopChecker
+from forkdec.validation import require
+
+EarlyStop = Callable[[int, list[Completion]], bool]
+
+
+def _sampler() -> Callable[..., Tensor]:
+    if hasattr(ops, "sample"):
+        return ops.sample
+    from forkdec.engine.sampler_fallback import sample
+    return sample
+
+
+def default_kv_budget() -> int:
+    """Half the memory available now (Linux), else 2 GiB."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 // 2
+    except OSError:
+        pass
+    return 2 << 30
+
+
+class Engine:
+    """Batched multi-path decoding over a paged, prefix-shared KV cache.
+
+    model: None (the embedded default, `forkdec.models.load_model()`), a model
+        file path, a (model, tokenizer) pair, or a model with `tokenizer=`.
+        The model follows forkdec.models' interface: `forward(tokens, positions,
+        attend, logits_rows)`, `config`, `dtype`.
+    kv_budget_bytes: most bytes the KV cache may take (default: half the
+        available memory); paths beyond it wait, and a path that cannot fit
+        even alone is refused with a ValueError.
+    dtype: passed to load_model when the engine loads the model; the KV cache
+        uses the model's dtype.
+    """
+
+    def __init__(self, model: Any = None, *, tokenizer: Any = None, kv_budget_bytes: int | None = None,
+                 dtype: torch.dtype | None = None, page_size: int = 16) -> None:
+        if model is None or isinstance(model, (str, os.PathLike)):
+            from forkdec.models import load_model
+            model, tokenizer = load_model(None if model is None else os.fspath(model), dtype=dtype)
+        elif isinstance(model, tuple):
+            model, tokenizer = model
+        require(tokenizer is not None, "tokenizer", "a model object needs its tokenizer (tokenizer=...)")
+        require(isinstance(page_size, int) and page_size >= 1, "page_size", f"must be an int >= 1, got {page_size!r}")
+        self.model, self.tokenizer = model, tokenizer
+        cfg = model.config
+        self.page_size = page_size
+        self.kv_dtype = model.dtype
+        self.page_bytes = PagedKVCache.page_bytes(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, page_size,
+                                                  self.kv_dtype)
+        budget = default_kv_budget() if kv_budget_bytes is None else kv_budget_bytes
+        require(isinstance(budget, int) and budget > 0, "kv_budget_bytes", f"must be a positive int, got {budget!r}")
+        require(budget >= self.page_bytes, "kv_budget_bytes",
+                f"{budget} bytes hold no page; one page of {page_size} tokens takes {self.page_bytes} bytes")
+        self.kv_budget_bytes = budget
+        self.max_pages = budget // self.page_bytes
+        self.cache: PagedKVCache | None = None
+        self.last_stats: GenerateStats | None = None
+
+    # ---- prompts ------------------------------------------------------------------------------
+    def encode(self, prompt: str, chat: bool = True) -> list[int]:
+        """Token ids of `prompt`, as a one-turn user message in the chat template if `chat`."""
+        if chat:
+            prompt = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                        add_generation_prompt=True)
+        return list(self.tokenizer.encode(prompt, add_bos=False))
+
+    def eos_ids(self) -> set[int]:
+        ids = set(getattr(self.tokenizer, "eos_token_ids", ()) or ())
+        return ids | set(getattr(self.model.config, "eos_token_ids", ()) or ())
+
+    # ---- the call -----------------------------------------------------------------------------
+    def generate(self, prompts: Sequence[str] | str, n: int | Sequence[int] = 1, params: SamplingParams | None = None, *,
+                 chat: bool = True, progress: Callable[[Progress], None] | None = None,
+                 early_stop: EarlyStop | None = None) -> list[list[Completion]]:
+        """Decode `n` paths of every prompt; returns, per prompt, its n Completions in path order.
+
+        prompts: one string or a list of them (each non-empty). n: paths per
+        prompt, one int for all or one per prompt. chat: wrap each
+        in the tokenizer's chat template. progress: called after prefill and
+        every step. early_stop(prompt_index, finished) is called each time a
+        path of that prompt finishes, with that prompt's finished Completions in
+        finish order; returning True cancels the prompt's other paths
+        (finish_reason "cancelled") and frees their pages.
+        """
+        params = params if params is not None else SamplingParams()
+        require(isinstance(params, SamplingParams), "params", f"expected SamplingParams, got {type(params).__name__}")
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        require(len(prompts) > 0, "prompts", "no prompt given")
+        counts = [n] * len(prompts) if isinstance(n, int) else list(n)
+        require(len(counts) == len(prompts), "n", f"has {len(counts)} entries for {len(prompts)} prompts")
+        for c in counts:
+            require(isinstance(c, int) and not isinstance(c, bool) and c >= 1, "n", f"must be an int >= 1, got {c!r}")
+        for i, p in enumerate(prompts):
+            require(isinstance(p, str) and p.strip() != "", "prompt", f"prompt {i} is empty")
+        ids = [self.encode(p, chat) for p in prompts]
+        context = self.model.config.max_position_embeddings
+        for i, t in enumerate(ids):
+            require(len(t) > 0, "prompt", f"prompt {i} encodes to no tokens")
+            params.check_fits(len(t), context, which=f"prompt {i}")
+        states = [PromptState(i, t, c, results=[None] * c) for i, (t, c) in enumerate(zip(ids, counts))]
+        run = _Run(self, states, params, progress, early_stop)
+        with torch.inference_mode():
+            run.loop()
+        self.last_stats = run.stats
+        return [[c for c in s.results] for s in states]  # type: ignore[misc]
+
+    def _cache_for(self, pages: int) -> PagedKVCache:
+        if self.cache is None or self.cache.num_pages < pages:
+            cfg = self.model.config
+            self.cache = None  # drop the old cache before allocating its successor
+            self.cache = PagedKVCache(cfg.num_layers, pages, cfg.num_kv_heads, cfg.head_dim,
+                                      page_size=self.page_size, dtype=self.kv_dtype)
+        return self.cache
+
+
+class _Run:
+    """State of one `generate` call: admission, prefill, decode steps, finishing."""
+
+    def __init__(self, engine: Engine, states: list[PromptState], params: SamplingParams,
+                 progress: Callable[[Progress], None] | None, early_stop: EarlyStop | None) -> None:
+        self.e, self.states, self.params = engine, states, params
+        self.progress, self.early_stop = progress, early_stop
+        ps = engine.page_size
+        # The last sampled token's K/V is never written, so a path stores at most max_new_tokens - 1.
+        self.path_pages = -(-(params.max_new_tokens - 1) // ps)
+        need = 0
+        for s in states:
+            one = -(-len(s.token_ids) // ps) + self.path_pages
+            require(one <= engine.max_pages, "kv_budget_bytes",
+                    f"prompt {s.index} ({len(s.token_ids)} tokens) with one path of max_new_tokens "
+                    f"{params.max_new_tokens} needs {one * engine.page_bytes} bytes of KV; the budget "
+                    f"{engine.kv_budget_bytes} holds {engine.max_pages * engine.page_bytes}")
+            need += one + (s.n - 1) * self.path_pages
+        self.cache = engine._cache_for(min(need, engine.max_pages))
+        self.alloc = self.cache.allocator
+        self.stop = StopChecker(params, engine.eos_ids(), engine.tokenizer)
+        self.sample = _sampler()
+        self.generator = torch.Generator()
+        if params.seed is not None:
+            self.generator.manual_seed(params.seed)
+        else:
+            self.generator.seed()
+        self.running: list[PathState] = []
+        self.stats = GenerateStats(prompt_tokens=[len(s.token_ids) for s in states],
+                                   kv_bytes_per_token=engine.page_bytes // ps)
+        self.t0 = time.perf_counter()
+
+    # ---- loop -----------------------------------------------------------------------------------
+    def loop(self) -> None:
+        while True:
+            self.admit()
+            if not self.running:
+                break
+            self.step()
+        assert all(None not in s.results for s in self.states) and self.alloc.num_used == 0
+
+    def admit(self) -> None:
+        """Start waiting paths in prompt order while their pages fit (first come, first served)."""
+        ps, new_prompts, new_paths = self.e.page_size, [], []
+        for s in self.states:
+            if s.waiting == 0:
+                continue
+            if not s.prefilled and s not in new_prompts:
+                prompt_pages = -(-len(s.token_ids) // ps)
+                if not self.alloc.reserve(prompt_pages + self.path_pages):
+                    break
+                self.alloc.release(self.path_pages)  # taken back just below for the first path
+                s.pages = [self.alloc.alloc() for _ in range(prompt_pages)]
+                new_prompts.append(s)
+            while s.waiting > 0 and self.alloc.reserve(self.path_pages):
+                new_paths.append(PathState(s, s.admitted, reserved=self.path_pages))
+                s.admitted += 1
+                s.running += 1
+            if s.waiting > 0:
+                break
+        if new_prompts:
+            self.prefill(new_prompts)
+        if new_paths:
+            self.first_tokens(new_paths)
+
+    def prefill(self, prompts: list[PromptState]) -> None:
+        t = time.perf_counter()
+        batch = prefill_batch(prompts, self.e.page_size)
+        attend = make_attend(batch, self.cache, prefill=True)
+        logits = self.e.model.forward(batch.tokens, batch.positions, attend, logits_rows=batch.logits_rows)
+        for s, row in zip(prompts, logits.float()):
+            s.last_logits = row
+        self.stats.prefill_seconds += time.perf_counter() - t
+
+    def first_tokens(self, paths: list[PathState]) -> None:
+        """Each new path's first token, drawn from its prompt's logits, one sampler call."""
+        t = time.perf_counter()
+        prompts = list({id(p.prompt): p.prompt for p in paths}.values())
+        row = {id(s): i for i, s in enumerate(prompts)}
+        logits = torch.stack([s.last_logits for s in prompts])
+        row_ids = torch.tensor([row[id(p.prompt)] for p in paths], dtype=torch.int64)
+        self.running += paths
+        self.running.sort(key=lambda p: (p.prompt.index, p.index))
+        self.accept(paths, logits, row_ids)
+        self.stats.decode_seconds += time.perf_counter() - t
+
+    def step(self) -> None:
+        t = time.perf_counter()
+        batch = decode_batch(self.running, self.alloc, self.e.page_size)
+        self.note_memory()
+        attend = make_attend(batch, self.cache, prefill=False)
+        logits = self.e.model.forward(batch.tokens, batch.positions, attend)
+        self.stats.decode_steps += 1
+        self.stats.max_batch = max(self.stats.max_batch, len(self.running))
+        self.accept(list(self.running), logits, None)
+        self.stats.decode_seconds += time.perf_counter() - t
+
+    def accept(self, paths: list[PathState], logits: Tensor, row_ids: Tensor | None) -> None:
+        """Sample one token for every path (one call), add it, and finish the paths that end."""
+        p = self.params
+        logits = logits.float()
+        tokens = self.sample(logits, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, min_p=p.min_p,
+                             generator=self.generator, row_ids=row_ids)
+        rows = row_ids if row_ids is not None else torch.arange(len(paths))
+        # log p(token) = logit - logsumexp(row): one reduction instead of a full log_softmax.
+        logprobs = (logits[rows, tokens] - torch.logsumexp(logits, dim=-1)[rows]).tolist()
+        for path, tok, lp in zip(paths, tokens.tolist(), logprobs):
+            if path.finished:  # cancelled by an early stop earlier in this loop: its draw is dropped
+                continue
+            self.stats.generated_tokens += 1
+            path.token_ids.append(tok)
+            path.logprob += lp
+            reason = self.stop.check(path.token_ids)
+            if reason is not None:
+                self.finish(path, reason)
+        self.running = [q for q in self.running if not q.finished]
+        self.report()
+
+    def finish(self, path: PathState, reason: str) -> None:
+        s = path.prompt
+        path.finished = True
+        self.alloc.free(path.pages)
+        self.alloc.release(path.reserved)
+        path.pages, path.reserved = [], 0
+        s.running -= 1
+        s.results[path.index] = Completion(list(path.token_ids), self.stop.final_text(path.token_ids), reason,
+                                           path.logprob, finish_order=s.finished)
+        s.finished += 1
+        if reason != "cancelled" and not s.cancelled and self.early_stop is not None:
+            done = sorted((c for c in s.results if c is not None and c.finish_reason != "cancelled"),
+                          key=lambda c: c.finish_order)
+            if self.early_stop(s.index, done):
+                self.cancel(s)
+        if s.running == 0 and s.waiting == 0:
+            self.alloc.free(s.pages)
+            s.pages, s.last_logits = [], None
+
+    def cancel(self, s: PromptState) -> None:
+        s.cancelled = True
+        for j in range(s.n):
+            if s.results[j] is None and j >= s.admitted:
+                s.results[j] = Completion([], "", "cancelled", 0.0)
+        for q in self.running:
+            if q.prompt is s and not q.finished:
+                self.finish(q, "cancelled")
+
+    # ---- reporting -----------------------------------------------------------------------------
+    def note_memory(self) -> None:
+        pb = self.e.page_bytes
+        held = self.alloc.num_used * pb
+        extra = sum((s.running - 1) * len(s.pages) for s in self.states if s.running > 1) * pb
+        self.stats.kv_bytes_peak = max(self.stats.kv_bytes_peak, held)
+        self.stats.kv_bytes_if_copied = max(self.stats.kv_bytes_if_copied, held + extra)
+        self.stats.kv_bytes_prompts = max(self.stats.kv_bytes_prompts,
+                                          sum(len(s.pages) for s in self.states) * pb)
+
+    def report(self) -> None:
+        if self.progress is None:
+            return
+        self.progress(Progress(
+            finished_paths=sum(s.finished for s in self.states) + sum(s.n - s.admitted for s in self.states
+                                                                      if s.cancelled),
+            total_paths=sum(s.n for s in self.states), running_paths=len(self.running),
+            generated_tokens=self.stats.generated_tokens, elapsed_seconds=time.perf_counter() - self.t0,
+            kv_pages_used=self.alloc.num_used, kv_pages_total=self.alloc.num_pages))

@@ -1,0 +1,105 @@
+"""The paged KV cache and its page allocator with reservations.
+
+Layout follows docs/attention.md: per layer k/v [num_pages, page_size, Hkv, D].
+The engine reserves, when it admits a path, every page the path could ever
+need, so a running batch can always grow: the engine never runs out of pages
+(and never OOMs) mid-decode; paths that do not fit wait for pages to be freed.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from forkdec.validation import require
+
+
+class PageAllocator:
+    """Free list of page ids plus a count of pages promised to admitted owners."""
+
+    def __init__(self, num_pages: int) -> None:
+        require(num_pages >= 0, "num_pages", f"must be >= 0, got {num_pages}")
+        self.num_pages = num_pages
+        self._free = list(range(num_pages - 1, -1, -1))  # pop() hands out low ids first
+        self._reserved = 0
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_pages - len(self._free)
+
+    @property
+    def num_reserved(self) -> int:
+        """Pages promised to owners but not yet handed out."""
+        return self._reserved
+
+    @property
+    def num_available(self) -> int:
+        """Pages a new reservation can still take."""
+        return len(self._free) - self._reserved
+
+    def reserve(self, count: int) -> bool:
+        """Promise `count` pages to a new owner if they are available."""
+        if count > self.num_available:
+            return False
+        self._reserved += count
+        return True
+
+    def release(self, count: int) -> None:
+        """Return `count` promised but unused pages."""
+        assert 0 <= count <= self._reserved, (count, self._reserved)
+        self._reserved -= count
+
+    def alloc(self) -> int:
+        """Hand out one page out of an earlier reservation."""
+        assert self._reserved > 0 and self._free, "alloc without a reservation"
+        self._reserved -= 1
+        return self._free.pop()
+
+    def free(self, pages: list[int]) -> None:
+        self._free.extend(reversed(pages))
+        assert len(self._free) <= self.num_pages, "a page was freed twice"
+
+
+class PagedKVCache:
+    """K/V pages for every layer, `[num_layers, num_pages, page_size, Hkv, D]` each,
+    with the allocator that hands the pages out."""
+
+    def __init__(self, num_layers: int, num_pages: int, num_kv_heads: int, head_dim: int, *,
+                 page_size: int = 16, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu") -> None:
+        require(page_size >= 1, "page_size", f"must be >= 1, got {page_size}")
+        require(num_pages >= 1, "num_pages", f"must be >= 1, got {num_pages}")
+        self.page_size = page_size
+        shape = (num_layers, num_pages, page_size, num_kv_heads, head_dim)
+        # empty, not zeros: pages are written before they are read, and untouched
+        # memory is never committed, so a generous budget costs nothing until used.
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.allocator = PageAllocator(num_pages)
+
+    @staticmethod
+    def page_bytes(num_layers: int, num_kv_heads: int, head_dim: int, page_size: int, dtype: torch.dtype) -> int:
+        """Bytes of one page across all layers, K and V."""
+        return 2 * num_layers * page_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+    @property
+    def num_pages(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def bytes_per_page(self) -> int:
+        return 2 * self.k[:, 0].numel() * self.k.element_size()
+
+    @property
+    def bytes_used(self) -> int:
+        return self.allocator.num_used * self.bytes_per_page
+
+    def layer(self, i: int) -> tuple[Tensor, Tensor]:
+        """(k_cache, v_cache) of layer i, each [num_pages, page_size, Hkv, D], contiguous views."""
+        return self.k[i], self.v[i]
+
+    def pages_for(self, tokens: int) -> int:
+        return -(-tokens // self.page_size)

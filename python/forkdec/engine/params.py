@@ -1,0 +1,65 @@
+"""SamplingParams: how every path of a `generate` call is sampled and when it stops."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from forkdec.validation import require
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-call sampling settings, shared by all prompts and paths of one `generate`.
+
+    temperature: 0 = greedy (argmax); > 0 scales the logits before the filters.
+    top_k (0 = off), top_p (1 = off), min_p (0 = off): filters applied in that
+        order to the temperature-scaled distribution (see the sampler).
+    max_new_tokens: upper bound on generated tokens per path (finish_reason "length").
+    stop: strings that end a path (finish_reason "stop"); the text is cut before them.
+    stop_token_ids: extra token ids that end a path; the model's EOS ids always
+        do unless ignore_eos.
+    seed: seeds the engine's generator, so a call is reproducible; None = fresh randomness.
+    """
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    max_new_tokens: int = 256
+    stop: tuple[str, ...] = field(default_factory=tuple)
+    stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    ignore_eos: bool = False
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        # Lists are accepted for convenience and frozen to tuples so params stay hashable.
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        t = self.temperature
+        require(isinstance(t, (int, float)) and math.isfinite(t) and t >= 0, "temperature",
+                f"must be a finite number >= 0 (0 = greedy), got {t!r}")
+        require(isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1, "top_p",
+                f"must be in (0, 1], got {self.top_p!r}")
+        require(isinstance(self.top_k, int) and not isinstance(self.top_k, bool) and self.top_k >= 0, "top_k",
+                f"must be an int >= 0 (0 = off), got {self.top_k!r}")
+        require(isinstance(self.min_p, (int, float)) and 0 <= self.min_p < 1, "min_p",
+                f"must be in [0, 1), got {self.min_p!r}")
+        m = self.max_new_tokens
+        require(isinstance(m, int) and not isinstance(m, bool) and m >= 1, "max_new_tokens",
+                f"must be an int >= 1, got {m!r}")
+        for s in self.stop:
+            require(isinstance(s, str), "stop", f"stop strings must be str, got {type(s).__name__}")
+            require(len(s) > 0, "stop", "an empty stop string would stop every path at once")
+        for i in self.stop_token_ids:
+            require(isinstance(i, int) and not isinstance(i, bool) and i >= 0, "stop_token_ids",
+                    f"token ids must be ints >= 0, got {i!r}")
+        require(self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)), "seed",
+                f"must be an int or None, got {self.seed!r}")
+
+    def check_fits(self, prompt_len: int, context: int, which: str = "prompt") -> None:
+        """ValueError naming max_new_tokens if a path of a prompt of `prompt_len`
+        tokens could outgrow the model's `context` positions."""
+        require(prompt_len + self.max_new_tokens <= context, "max_new_tokens",
+                f"{which} has {prompt_len} tokens; {prompt_len} + max_new_tokens {self.max_new_tokens} "
+                f"exceeds the model's context of {context} positions")

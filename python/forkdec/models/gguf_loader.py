@@ -1,0 +1,140 @@
+"""Load a llama-architecture GGUF file (llama.cpp's format) into LlamaModel.
+
+Tensors are dequantized with the `gguf` package (Q4_1, Q8_0, F16, F32 and
+whatever else it can dequantize) to fp32, then cast to the model dtype.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from forkdec.models.config import ModelConfig
+from forkdec.models.llama import LlamaModel
+
+# GGUF tensor name -> Hugging Face name (per block: "blk.{i}." -> "model.layers.{i}.").
+_GLOBAL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+           "output.weight": "lm_head.weight"}
+_BLOCK = {"attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
+          "attn_q.weight": "self_attn.q_proj.weight", "attn_k.weight": "self_attn.k_proj.weight",
+          "attn_v.weight": "self_attn.v_proj.weight", "attn_output.weight": "self_attn.o_proj.weight",
+          "attn_q.bias": "self_attn.q_proj.bias", "attn_k.bias": "self_attn.k_proj.bias",
+          "attn_v.bias": "self_attn.v_proj.bias",
+          "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
+          "ffn_down.weight": "mlp.down_proj.weight"}
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+
+
+def open_gguf(path: str) -> Any:
+    """A gguf.GGUFReader over `path`; a missing, truncated or corrupt file raises ValueError naming it."""
+    import gguf
+
+    if not os.path.isfile(path):
+        raise ValueError(f"model: no such file {path!r}")
+    try:
+        reader = gguf.GGUFReader(path, "r")
+        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    except Exception as e:  # the reader raises ValueError, IndexError, struct errors... on bad bytes
+        raise ValueError(f"model: {path!r} is not a readable GGUF file ({type(e).__name__}: {e})") from e
+    size = os.path.getsize(path)
+    if end > size:
+        raise ValueError(f"model: {path!r} is truncated: its tensors need {end} bytes, the file has {size}")
+    return reader
+
+
+def field(reader: Any, key: str, default: Any = None) -> Any:
+    """A metadata value as a Python scalar, str or list; `default` if absent."""
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    return f.contents()
+
+
+def read_config(reader: Any, path: str) -> ModelConfig:
+    arch = field(reader, "general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"model: architecture {arch!r} in {path!r} is not supported "
+                         f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+
+    def meta(key: str, default: Any = None) -> Any:
+        value = field(reader, f"{arch}.{key}", default)
+        if value is None:
+            raise ValueError(f"model: {path!r} lacks the metadata key {arch}.{key}")
+        return value
+
+    names = {t.name for t in reader.tensors}
+    tokens = field(reader, "tokenizer.ggml.tokens")
+    embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    vocab = int(field(reader, f"{arch}.vocab_size", int(embd.shape[1])))
+    hidden = int(meta("embedding_length"))
+    heads = int(meta("attention.head_count"))
+    scaling = None
+    kind = field(reader, f"{arch}.rope.scaling.type")
+    if kind not in (None, "none"):
+        scaling = {"rope_type": kind, "factor": float(meta("rope.scaling.factor"))}
+        orig = field(reader, f"{arch}.rope.scaling.original_context_length")
+        if orig is not None:
+            scaling["original_max_position_embeddings"] = int(orig)
+    eos = [int(field(reader, "tokenizer.ggml.eos_token_id"))] if field(reader, "tokenizer.ggml.eos_token_id") is not None else []
+    eot = field(reader, "tokenizer.ggml.eot_token_id")
+    if eot is not None and int(eot) not in eos:
+        eos.append(int(eot))
+    del tokens
+    return ModelConfig(
+        architecture=arch, vocab_size=vocab, hidden_size=hidden,
+        intermediate_size=int(meta("feed_forward_length")), num_layers=int(meta("block_count")),
+        num_heads=heads, num_kv_heads=int(meta("attention.head_count_kv", heads)),
+        head_dim=int(meta("attention.key_length", hidden // heads)),
+        rope_theta=float(meta("rope.freq_base", 10000.0)), rope_scaling=scaling,
+        rms_norm_eps=float(meta("attention.layer_norm_rms_epsilon", 1e-5)),
+        tie_word_embeddings="output.weight" not in names,
+        max_position_embeddings=int(meta("context_length", 2048)),
+        bos_token_id=field(reader, "tokenizer.ggml.bos_token_id"), eos_token_ids=eos,
+        attention_bias="blk.0.attn_q.bias" in names)
+
+
+def _unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """Undo convert_hf_to_gguf's row permutation of q/k (llama.cpp rotates adjacent pairs;
+    the Hugging Face layout, which LlamaModel uses, rotates pairs (i, i + D/2))."""
+    rows = w.shape[0]
+    return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def read_weights(reader: Any, config: ModelConfig, path: str) -> dict[str, torch.Tensor]:
+    """Every tensor dequantized to fp32, under its Hugging Face name, q/k rows un-permuted."""
+    from gguf.quants import dequantize
+
+    out: dict[str, torch.Tensor] = {}
+    for t in reader.tensors:
+        name = _GLOBAL.get(t.name)
+        if name is None and t.name.startswith("blk."):
+            _, i, rest = t.name.split(".", 2)
+            if rest in _BLOCK:
+                name = f"model.layers.{i}.{_BLOCK[rest]}"
+        if name is None:
+            continue  # e.g. rope_freqs: derived from the config instead
+        try:
+            array = dequantize(t.data, t.tensor_type)
+        except Exception as e:
+            raise ValueError(f"model: cannot dequantize {t.name} ({t.tensor_type.name}) in {path!r}: {e}") from e
+        w = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).reshape(
+            tuple(int(n) for n in reversed(t.shape)))
+        # Only llama's converter permutes q/k; qwen2's keeps the Hugging Face layout.
+        if config.architecture == "llama" and ".attn_q." in t.name:
+            w = _unpermute(w, config.num_heads)
+        elif config.architecture == "llama" and ".attn_k." in t.name:
+            w = _unpermute(w, config.num_kv_heads)
+        out[name] = w
+    return out
+
+
+def load_gguf(path: str, dtype: torch.dtype = torch.float32,
+              device: torch.device | str = "cpu") -> LlamaModel:
+    """LlamaModel with the weights of the GGUF file at `path`, in `dtype`."""
+    reader = open_gguf(path)
+    config = read_config(reader, path)
+    model = LlamaModel(config, dtype=dtype, device=device)
+    model.load_weights(read_weights(reader, config, path))
+    return model

@@ -1,0 +1,191 @@
+"""LlamaModel: a Llama-architecture decoder (Llama, SmolLM, Qwen2) whose attention the caller supplies.
+
+The model owns the weights and everything per token (norms, projections, RoPE,
+SwiGLU, LM head); the caller owns the KV cache and attention through `attend`,
+so one model serves a paged/cascade engine and a plain single-sequence loop.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from forkdec.models.config import ModelConfig, rope_inv_freq
+from forkdec.validation import require, validation_enabled
+
+Attend = Callable[[int, Tensor, Tensor, Tensor], Tensor]
+
+
+def _frozen(t: Tensor) -> nn.Parameter:
+    return nn.Parameter(t, requires_grad=False)
+
+
+class LlamaLayer(nn.Module):
+    """One decoder block; q/k/v and gate/up are each one fused matrix (one GEMM, not three)."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        h, d = config.hidden_size, config.head_dim
+        qkv = (config.num_heads + 2 * config.num_kv_heads) * d
+        self.attn_norm = _frozen(torch.ones(h, dtype=dtype))
+        self.qkv = _frozen(torch.zeros(qkv, h, dtype=dtype))
+        self.qkv_bias = _frozen(torch.zeros(qkv, dtype=dtype)) if config.attention_bias else None
+        self.o = _frozen(torch.zeros(h, config.num_heads * d, dtype=dtype))
+        self.ffn_norm = _frozen(torch.ones(h, dtype=dtype))
+        self.gate_up = _frozen(torch.zeros(2 * config.intermediate_size, h, dtype=dtype))
+        self.down = _frozen(torch.zeros(h, config.intermediate_size, dtype=dtype))
+
+
+class LlamaModel(nn.Module):
+    """Llama decoder with caller-supplied attention.
+
+    forward(tokens [T] int64, positions [T] int64, attend, logits_rows [R] int64 | None)
+    -> fp32 logits [R or T, vocab_size].
+
+    attend(layer, q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D]) -> out [T, Hq, D]
+    receives q and k after RoPE, in the model's dtype; it stores k/v wherever
+    it keeps its cache and returns attention over the right keys for each row.
+    Only the rows `logits_rows` (indices into T) go through the final norm and
+    the LM head: prefill usually needs just the last row.
+    Weights are created zero-filled; loaders fill them with `load_weights`.
+    """
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu") -> None:
+        super().__init__()
+        require(dtype in (torch.float32, torch.float16, torch.bfloat16), "dtype",
+                f"must be float32, float16 or bfloat16, got {dtype}")
+        self.config = config
+        with torch.device(device):
+            self.embed = _frozen(torch.zeros(config.vocab_size, config.hidden_size, dtype=dtype))
+            self.layers = nn.ModuleList(LlamaLayer(config, dtype) for _ in range(config.num_layers))
+            self.norm = _frozen(torch.ones(config.hidden_size, dtype=dtype))
+            # Tied embeddings share one tensor: no copy of the largest matrix.
+            self.lm_head = self.embed if config.tie_word_embeddings else _frozen(
+                torch.zeros(config.vocab_size, config.hidden_size, dtype=dtype))
+            self.register_buffer("inv_freq", rope_inv_freq(config).float(), persistent=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
+
+    @torch.no_grad()
+    def forward(self, tokens: Tensor, positions: Tensor, attend: Attend,
+                logits_rows: Tensor | None = None) -> Tensor:
+        cfg = self.config
+        if validation_enabled():
+            self._validate(tokens, positions, logits_rows)
+        t = tokens.shape[0]
+        hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        cos, sin = self._rope(positions)
+        x = F.embedding(tokens, self.embed)
+        for i, layer in enumerate(self.layers):
+            h = _rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
+            qkv = F.linear(h, layer.qkv, layer.qkv_bias)
+            q, k, v = qkv.split((hq * d, hkv * d, hkv * d), dim=-1)
+            q = _rotate(q.view(t, hq, d), cos, sin)
+            k = _rotate(k.view(t, hkv, d), cos, sin)
+            out = attend(i, q, k, v.reshape(t, hkv, d))
+            x = x + F.linear(out.reshape(t, hq * d), layer.o)
+            h = _rms_norm(x, layer.ffn_norm, cfg.rms_norm_eps)
+            gate, up = F.linear(h, layer.gate_up).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, layer.down)
+        if logits_rows is not None:
+            x = x.index_select(0, logits_rows.to(device=x.device, dtype=torch.long))
+        x = _rms_norm(x, self.norm, cfg.rms_norm_eps)
+        return _lm_head(x, self.lm_head)
+
+    def _rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        # Angles in fp32 (positions up to 2^24 are exact), then cos/sin in the model dtype:
+        # computed once per forward and shared by every layer.
+        angles = positions.to(device=self.device, dtype=torch.float32)[:, None] * self.inv_freq[None, :]
+        return angles.cos().to(self.dtype)[:, None, :], angles.sin().to(self.dtype)[:, None, :]
+
+    def _validate(self, tokens: Tensor, positions: Tensor, logits_rows: Tensor | None) -> None:
+        require(isinstance(tokens, Tensor) and tokens.dim() == 1 and not tokens.is_floating_point(), "tokens",
+                "must be a 1-D integer tensor [T]")
+        require(tokens.numel() == 0 or (int(tokens.min()) >= 0 and int(tokens.max()) < self.config.vocab_size),
+                "tokens", f"ids must be in [0, {self.config.vocab_size})")
+        require(isinstance(positions, Tensor) and positions.shape == tokens.shape
+                and not positions.is_floating_point(), "positions",
+                f"must be an integer tensor of tokens' shape {tuple(tokens.shape)}")
+        require(positions.numel() == 0 or int(positions.min()) >= 0, "positions", "must be non-negative")
+        if logits_rows is not None:
+            require(isinstance(logits_rows, Tensor) and logits_rows.dim() == 1
+                    and not logits_rows.is_floating_point(), "logits_rows", "must be a 1-D integer tensor")
+            require(logits_rows.numel() == 0 or (int(logits_rows.min()) >= 0
+                                                 and int(logits_rows.max()) < tokens.shape[0]),
+                    "logits_rows", f"row indices must be in [0, {tokens.shape[0]})")
+
+    def load_weights(self, weights: dict[str, Tensor]) -> None:
+        """Copy weights named as in `weight_names` (Hugging Face layout, rotate-half RoPE
+        rows) into the model, fusing q/k/v and gate/up. Raises ValueError naming a
+        missing or misshapen tensor."""
+        cfg = self.config
+
+        def take(name: str, shape: tuple[int, ...]) -> Tensor:
+            require(name in weights, "weights", f"missing tensor {name!r}")
+            w = weights[name]
+            require(tuple(w.shape) == shape, "weights",
+                    f"{name!r} has shape {tuple(w.shape)}, expected {shape}")
+            return w
+
+        h, d, inter = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+        hq, hkv = cfg.num_heads * d, cfg.num_kv_heads * d
+        self.embed.copy_(take("model.embed_tokens.weight", (cfg.vocab_size, h)))
+        self.norm.copy_(take("model.norm.weight", (h,)))
+        if not cfg.tie_word_embeddings:
+            self.lm_head.copy_(take("lm_head.weight", (cfg.vocab_size, h)))
+        for i, layer in enumerate(self.layers):
+            p = f"model.layers.{i}."
+            layer.attn_norm.copy_(take(p + "input_layernorm.weight", (h,)))
+            layer.ffn_norm.copy_(take(p + "post_attention_layernorm.weight", (h,)))
+            layer.qkv.copy_(torch.cat([take(p + "self_attn.q_proj.weight", (hq, h)),
+                                       take(p + "self_attn.k_proj.weight", (hkv, h)),
+                                       take(p + "self_attn.v_proj.weight", (hkv, h))]))
+            if layer.qkv_bias is not None:
+                layer.qkv_bias.copy_(torch.cat([take(p + "self_attn.q_proj.bias", (hq,)),
+                                                take(p + "self_attn.k_proj.bias", (hkv,)),
+                                                take(p + "self_attn.v_proj.bias", (hkv,))]))
+            layer.o.copy_(take(p + "self_attn.o_proj.weight", (h, hq)))
+            layer.gate_up.copy_(torch.cat([take(p + "mlp.gate_proj.weight", (inter, h)),
+                                           take(p + "mlp.up_proj.weight", (inter, h))]))
+            layer.down.copy_(take(p + "mlp.down_proj.weight", (h, inter)))
+
+
+def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    # Statistics in fp32 whatever the model dtype, as the reference implementation does.
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """RoPE in the rotate-half layout: pairs (i, i + D/2) rotate together.
+    x [T, H, D]; cos, sin [T, 1, D/2]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def _lm_head(x: Tensor, weight: Tensor) -> Tensor:
+    if x.dtype == torch.float32:
+        return F.linear(x, weight)
+    # Half-precision GEMM with fp32 output: logits keep fp32 resolution for sampling.
+    return torch.mm(x, weight.t(), out_dtype=torch.float32) if _MM_OUT_DTYPE else F.linear(x, weight).float()
+
+
+def _probe_mm_out_dtype() -> bool:
+    try:
+        a = torch.ones(1, 2, dtype=torch.bfloat16)
+        return torch.mm(a, a.t(), out_dtype=torch.float32).dtype == torch.float32
+    except Exception:  # older torch, or no CPU kernel for it
+        return False
+
+
+_MM_OUT_DTYPE = _probe_mm_out_dtype()
