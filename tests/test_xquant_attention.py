@@ -126,3 +126,153 @@ def test_bad_input_names_the_argument():
             call(**over)
     with pytest.raises(ValueError, match="page_size"):
         QuantizedPages.empty(4, 48, W, 4, 32, "channel")
+
+
+# ---- the cpu backend (C++ kernel) ----------------------------------------------------------------
+
+import zlib  # noqa: E402
+
+from forkdec.backends import unavailable_reason  # noqa: E402
+from forkdec.ops.xquant import page_args  # noqa: E402
+
+CPU_REASON = unavailable_reason("cpu", "xquant_attention", torch.device("cpu"))
+needs_cpu = pytest.mark.skipif(CPU_REASON is not None, reason=str(CPU_REASON))
+
+
+def _xquant_spec_params():
+    """The shared-harness cases of tests/specs/xquant.py on every ISA of the cpu backend. (They run
+    here because this branch may not edit tests/specs/__init__.py; once the integrator registers
+    specs.xquant there, test_harness.py runs them too.)"""
+    from harness import DTYPES, cpu_isas
+    from specs import xquant as spec_module
+    spec = spec_module.SPECS[-1] if spec_module.SPECS[-1].name == "xquant_attention" else None
+    spec = spec or next(s for s in spec_module.SPECS if s.name == "xquant_attention")
+    for isa in cpu_isas() or ["none"]:
+        for dtype in DTYPES:
+            for case in spec.cases:
+                yield pytest.param(spec, isa, dtype, case, id=f"cpu[{isa}]-{str(dtype)[6:]}-{case.id}")
+
+
+@needs_cpu
+@pytest.mark.parametrize("spec,isa,dtype,case", list(_xquant_spec_params()))
+def test_cpu_matches_reference_on_harness_cases(spec, isa, dtype, case):
+    ext = forkdec._extension.load()
+    previous = ext.cpu_isa()
+    ext.set_cpu_isa(isa)
+    try:
+        g = torch.Generator().manual_seed(zlib.crc32(f"{spec.name}/{case.id}".encode()))
+        args, kwargs = case.make(dtype, g)
+        spec.compare(spec.op(*args, **kwargs, backend="cpu"), spec.reference(*args, **kwargs), dtype)
+    finally:
+        ext.set_cpu_isa(previous)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_each_backend_matches_attention_over_rematerialized_kv(backend):
+    """The independent check above, for each backend explicitly (auto picks cpu when it is built)."""
+    if backend == "cpu" and CPU_REASON is not None:
+        pytest.skip(CPU_REASON)
+    xq, indptr, indices, last, start, wk, wv, g = _setup(4, "channel", [64, 32, 96])
+    qo_indptr = torch.tensor([0, 2, 3, 7], dtype=torch.int32)
+    q = torch.randn(7, HQ, D, generator=g)
+    cos, sin = _rope_tables(256, D)
+    out, lse = forkdec.ops.xquant_attention(q, qo_indptr, xq, xq, indptr, indices, last, start, wk, wv, cos, sin,
+                                            causal=True, return_lse=True, backend=backend)
+    want, want_lse = _expected(q, qo_indptr, xq, indptr, indices, last, start, wk, wv, None, None, True, None)
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-4, atol=1e-4)
+
+
+@needs_cpu
+def test_cpu_shared_prompt_equals_per_path_requests():
+    """64 paths' queries as one request over a shared prompt (each page rematerialized once) equal
+    the same queries as 64 requests over the same pages, and a split over threads changes nothing."""
+    xq, indptr, indices, last, start, wk, wv, g = _setup(4, "channel", [256], start=[5])
+    q = torch.randn(64, HQ, D, generator=g)
+    cos, sin = _rope_tables(300, D)
+    shared = forkdec.ops.xquant_attention(q, torch.tensor([0, 64], dtype=torch.int32), xq, xq, indptr, indices,
+                                          last, start, wk, wv, cos, sin, return_lse=True, backend="cpu")
+    n = indptr[1]
+    per_path = forkdec.ops.xquant_attention(
+        q, torch.arange(65, dtype=torch.int32), xq, xq, torch.arange(65, dtype=torch.int32) * n,
+        indices[:n].repeat(64), last.repeat(64), start.repeat(64), wk, wv, cos, sin, return_lse=True, backend="cpu")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one_thread = forkdec.ops.xquant_attention(q, torch.tensor([0, 64], dtype=torch.int32), xq, xq, indptr,
+                                                  indices, last, start, wk, wv, cos, sin, return_lse=True,
+                                                  backend="cpu")
+    finally:
+        torch.set_num_threads(previous)
+    for a, b in [(shared, per_path), (shared, one_thread)]:
+        torch.testing.assert_close(a[0], b[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a[1], b[1], rtol=1e-5, atol=1e-5)
+
+
+@needs_cpu
+def test_cpu_op_checks_bounds_on_direct_calls():
+    """torch.ops.forkdec.xquant_attention (no Python validation) refuses what would read out of bounds."""
+    xq, indptr, indices, last, start, wk, wv, g = _setup(4, "token", [40])
+    cos, sin = _rope_tables(64, D)
+    q = torch.randn(1, HQ, D)
+    qo = torch.tensor([0, 1], dtype=torch.int32)
+
+    def call(**over):
+        a = dict(xk=page_args(xq), xv=page_args(xq), indices=indices, start=start, cos=cos, last=last, wk=wk)
+        a.update(over)
+        return torch.ops.forkdec.xquant_attention(q, qo, *a["xk"], *a["xv"], xq.page_size, indptr, a["indices"],
+                                                  a["last"], a["start"], a["wk"], wv, None, None, a["cos"], sin,
+                                                  False, None, 0.2)
+
+    call()
+    codes, scale, zero, bits, gs, axis, w = page_args(xq)
+    for over, pattern in [(dict(indices=indices + 100), "kv_indices"), (dict(start=torch.tensor([30])), "kv_start_pos"),
+                          (dict(last=torch.tensor([33], dtype=torch.int32)), "kv_last_page_len"),
+                          (dict(xk=(codes, scale, zero, 5, gs, axis, w)), "xk_bits"),
+                          (dict(xk=(codes[:, :-1], scale, zero, bits, gs, axis, w)), "codes"),
+                          (dict(xk=(codes, scale.float(), zero, bits, gs, axis, w)), "xk_scale"),
+                          (dict(xk=(codes, scale, None, bits, gs, axis, w)), "xk_zero"),
+                          (dict(wk=wk[:-1]), "wk"), (dict(cos=cos[:, :4]), "rope_cos")]:
+        with pytest.raises(RuntimeError, match=pattern):
+            call(**over)
+
+
+@needs_cpu
+def test_cpu_float_window_in_bf16_matches_reference():
+    """Full-precision window pages stored in bf16, q in bf16."""
+    g = torch.Generator().manual_seed(3)
+    window = torch.randn(3, 16, W, generator=g).bfloat16()
+    q = torch.randn(4, HQ, D, generator=g).bfloat16()
+    wk, wv = torch.randn(W, HKV * D, generator=g) / 8, torch.randn(W, HKV * D, generator=g) / 8
+    cos, sin = _rope_tables(200, D)
+    args = (q, torch.tensor([0, 4], dtype=torch.int32), window, window, torch.tensor([0, 3], dtype=torch.int32),
+            torch.tensor([2, 0, 1], dtype=torch.int32), torch.tensor([5], dtype=torch.int32),
+            torch.tensor([100], dtype=torch.int32), wk, wv, cos, sin)
+    out, lse = forkdec.ops.xquant_attention(*args, causal=True, return_lse=True, backend="cpu")
+    want, want_lse = forkdec.ops.xquant_attention(*args, causal=True, return_lse=True, backend="reference")
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), want.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-4, atol=1e-4)
+
+
+@needs_cpu
+def test_torch_compile_fullgraph_traces_the_op():
+    torch._dynamo.reset()
+    xq, indptr, indices, last, start, wk, wv, g = _setup(4, "token", [40])
+    cos, sin = _rope_tables(64, D)
+    q = torch.randn(2, HQ, D, generator=g)
+    qo = torch.tensor([0, 2], dtype=torch.int32)
+    codes, scale, zero, bits, gs, axis, w = page_args(xq)
+
+    def f(q):
+        out, lse = torch.ops.forkdec.xquant_attention(q * 2, qo, codes, scale, zero, bits, gs, axis, w, codes, scale,
+                                                      zero, bits, gs, axis, w, xq.page_size, indptr, indices, last,
+                                                      start, wk, wv, None, None, cos, sin, False, None, 0.2)
+        return out + 1, lse
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out, lse = compiled(q)
+    want, want_lse = forkdec.ops.xquant_attention(q * 2, qo, xq, xq, indptr, indices, last, start, wk, wv, cos, sin,
+                                                  sm_scale=0.2, return_lse=True, backend="reference")
+    torch.testing.assert_close(out, want + 1, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-4, atol=1e-4)

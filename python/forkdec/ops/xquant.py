@@ -8,16 +8,19 @@ that merges with other levels (`merge_state`) like any cascade level.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-from forkdec import reference
+from forkdec import _extension, reference
 from forkdec.backends import resolve
 from forkdec.ops.attention import HEAD_DIMS, validate_page_table
 from forkdec.validation import require, validation_enabled
 from forkdec.xquant.pages import QuantizedPages
 
-BACKENDS = ("reference",)
+BACKENDS = ("reference", "cpu")
+AXIS_IDS = {"token": 0, "channel": 1}
 
 
 def _pages_shape(x_pages: QuantizedPages | Tensor, name: str) -> tuple[int, int, int]:
@@ -73,7 +76,34 @@ def xquant_attention(q: Tensor, qo_indptr: Tensor, xk_pages: QuantizedPages | Te
             if isinstance(xk_pages, QuantizedPages) and xk_pages.axis == "channel":
                 require(bool((kv_last_page_len[has] == ps).all()), "kv_last_page_len",
                         "channel-quantized pages are always full (page_size)")
-    resolve(backend, "xquant_attention", q.device, BACKENDS)  # only the reference exists so far
-    return reference.xquant_attention(q, qo_indptr, xk_pages, xv_pages, kv_indptr, kv_indices, kv_last_page_len,
-                                      kv_start_pos, wk, wv, rope_cos, rope_sin, bk=bk, bv=bv, causal=causal,
-                                      custom_mask=custom_mask, sm_scale=sm_scale, return_lse=return_lse)
+    name = resolve(backend, "xquant_attention", q.device, BACKENDS)
+    if name == "reference":
+        return reference.xquant_attention(q, qo_indptr, xk_pages, xv_pages, kv_indptr, kv_indices, kv_last_page_len,
+                                          kv_start_pos, wk, wv, rope_cos, rope_sin, bk=bk, bv=bv, causal=causal,
+                                          custom_mask=custom_mask, sm_scale=sm_scale, return_lse=return_lse)
+    page_size = xk_pages.page_size if isinstance(xk_pages, QuantizedPages) else xk_pages.shape[1]
+    op = torch.ops.forkdec.xquant_attention
+    out, lse = op(q, qo_indptr, *page_args(xk_pages), *page_args(xv_pages), page_size, kv_indptr, kv_indices,
+                  kv_last_page_len, kv_start_pos, wk, wv, bk, bv, rope_cos, rope_sin, causal, custom_mask,
+                  1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale))
+    return (out, lse) if return_lse else out
+
+
+def page_args(x: QuantizedPages | Tensor) -> tuple:
+    """A page store as the op's (x, scale, zero, bits, group_size, axis, width) arguments:
+    codes with fp16 scale/zero for quantized pages, the float pages with None, None otherwise."""
+    if isinstance(x, QuantizedPages):
+        return x.codes, x.scale, x.zero, x.bits, x.group_size, AXIS_IDS[x.axis], x.width
+    return x, None, None, 0, 0, 0, x.shape[2]
+
+
+# torch.compile support: the fake (meta) implementation of the C++ op.
+def _xquant_attention_fake(q, qo_indptr, xk, xk_scale, xk_zero, xk_bits, xk_group_size, xk_axis, xk_width, xv,
+                           xv_scale, xv_zero, xv_bits, xv_group_size, xv_axis, xv_width, page_size, kv_indptr,
+                           kv_indices, kv_last_page_len, kv_start_pos, wk, wv, bk, bv, rope_cos, rope_sin, causal,
+                           custom_mask, sm_scale):
+    return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32)
+
+
+if _extension.load() is not None and hasattr(torch.ops.forkdec, "xquant_attention"):
+    torch.library.register_fake("forkdec::xquant_attention")(_xquant_attention_fake)
