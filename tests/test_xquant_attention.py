@@ -140,31 +140,36 @@ needs_cpu = pytest.mark.skipif(CPU_REASON is not None, reason=str(CPU_REASON))
 
 
 def _xquant_spec_params():
-    """The shared-harness cases of tests/specs/xquant.py on every ISA of the cpu backend. (They run
-    here because this branch may not edit tests/specs/__init__.py; once the integrator registers
-    specs.xquant there, test_harness.py runs them too.)"""
-    from harness import DTYPES, cpu_isas
+    """The shared-harness cases of tests/specs/xquant.py for the cpu backend (on every ISA) and the
+    triton backend. (They run here because this branch may not edit tests/specs/__init__.py; once the
+    integrator registers specs.xquant there, test_harness.py runs them too and this test can go.)"""
+    from harness import DTYPES, backend_variants
     from specs import xquant as spec_module
-    spec = spec_module.SPECS[-1] if spec_module.SPECS[-1].name == "xquant_attention" else None
-    spec = spec or next(s for s in spec_module.SPECS if s.name == "xquant_attention")
-    for isa in cpu_isas() or ["none"]:
+    spec = next(s for s in spec_module.SPECS if s.name == "xquant_attention")
+    for variant in backend_variants(spec):
         for dtype in DTYPES:
             for case in spec.cases:
-                yield pytest.param(spec, isa, dtype, case, id=f"cpu[{isa}]-{str(dtype)[6:]}-{case.id}")
+                yield pytest.param(spec, variant, dtype, case, id=f"{variant}-{str(dtype)[6:]}-{case.id}")
 
 
-@needs_cpu
-@pytest.mark.parametrize("spec,isa,dtype,case", list(_xquant_spec_params()))
-def test_cpu_matches_reference_on_harness_cases(spec, isa, dtype, case):
+@pytest.mark.parametrize("spec,variant,dtype,case", list(_xquant_spec_params()))
+def test_backend_matches_reference_on_harness_cases(spec, variant, dtype, case):
+    from harness import skip_reason
+    reason = skip_reason(spec, variant, case)
+    if reason is not None:
+        pytest.skip(reason)
+    backend = variant.split("[")[0]
     ext = forkdec._extension.load()
-    previous = ext.cpu_isa()
-    ext.set_cpu_isa(isa)
+    previous = ext.cpu_isa() if ext is not None else None
+    if "[" in variant:
+        ext.set_cpu_isa(variant[len("cpu["):-1])
     try:
         g = torch.Generator().manual_seed(zlib.crc32(f"{spec.name}/{case.id}".encode()))
         args, kwargs = case.make(dtype, g)
-        spec.compare(spec.op(*args, **kwargs, backend="cpu"), spec.reference(*args, **kwargs), dtype)
+        spec.compare(spec.op(*args, **kwargs, backend=backend), spec.reference(*args, **kwargs), dtype)
     finally:
-        ext.set_cpu_isa(previous)
+        if previous is not None:
+            ext.set_cpu_isa(previous)
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])

@@ -19,7 +19,7 @@ from forkdec.ops.attention import HEAD_DIMS, validate_page_table
 from forkdec.validation import require, validation_enabled
 from forkdec.xquant.pages import QuantizedPages
 
-BACKENDS = ("reference", "cpu")
+BACKENDS = ("reference", "cpu", "triton")
 AXIS_IDS = {"token": 0, "channel": 1}
 
 
@@ -82,7 +82,7 @@ def xquant_attention(q: Tensor, qo_indptr: Tensor, xk_pages: QuantizedPages | Te
                                           kv_start_pos, wk, wv, rope_cos, rope_sin, bk=bk, bv=bv, causal=causal,
                                           custom_mask=custom_mask, sm_scale=sm_scale, return_lse=return_lse)
     page_size = xk_pages.page_size if isinstance(xk_pages, QuantizedPages) else xk_pages.shape[1]
-    op = torch.ops.forkdec.xquant_attention
+    op = torch.ops.forkdec.xquant_attention if name == "cpu" else torch.ops.forkdec.xquant_attention_triton
     out, lse = op(q, qo_indptr, *page_args(xk_pages), *page_args(xv_pages), page_size, kv_indptr, kv_indices,
                   kv_last_page_len, kv_start_pos, wk, wv, bk, bv, rope_cos, rope_sin, causal, custom_mask,
                   1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale))
@@ -107,3 +107,23 @@ def _xquant_attention_fake(q, qo_indptr, xk, xk_scale, xk_zero, xk_bits, xk_grou
 
 if _extension.load() is not None and hasattr(torch.ops.forkdec, "xquant_attention"):
     torch.library.register_fake("forkdec::xquant_attention")(_xquant_attention_fake)
+
+
+
+# The Triton kernel (triton_kernels/xquant.py) as a torch op, imported on first use.
+@torch.library.custom_op("forkdec::xquant_attention_triton", mutates_args=())
+def _xquant_attention_triton(q: Tensor, qo_indptr: Tensor, xk: Tensor, xk_scale: Tensor | None,
+                             xk_zero: Tensor | None, xk_bits: int, xk_group_size: int, xk_axis: int, xk_width: int,
+                             xv: Tensor, xv_scale: Tensor | None, xv_zero: Tensor | None, xv_bits: int,
+                             xv_group_size: int, xv_axis: int, xv_width: int, page_size: int, kv_indptr: Tensor,
+                             kv_indices: Tensor, kv_last_page_len: Tensor, kv_start_pos: Tensor, wk: Tensor,
+                             wv: Tensor, bk: Tensor | None, bv: Tensor | None, rope_cos: Tensor, rope_sin: Tensor,
+                             causal: bool, custom_mask: Tensor | None, sm_scale: float) -> tuple[Tensor, Tensor]:
+    from forkdec.triton_kernels import xquant as kernels
+    return kernels.xquant_attention(q, qo_indptr, xk, xk_scale, xk_zero, xk_bits, xk_group_size, xk_axis, xk_width,
+                                    xv, xv_scale, xv_zero, xv_bits, xv_group_size, xv_axis, xv_width, page_size,
+                                    kv_indptr, kv_indices, kv_last_page_len, kv_start_pos, wk, wv, bk, bv, rope_cos,
+                                    rope_sin, causal, custom_mask, sm_scale)
+
+
+_xquant_attention_triton.register_fake(_xquant_attention_fake)
