@@ -281,3 +281,23 @@ def test_torch_compile_fullgraph_traces_the_op():
                                                   sm_scale=0.2, return_lse=True, backend="reference")
     torch.testing.assert_close(out, want + 1, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(lse, want_lse, rtol=1e-4, atol=1e-4)
+
+
+def test_gpu_xquant_bench_plumbing_runs_on_cpu(capsys):
+    """bench/gpu_xquant.py --dry-run: every implementation once on a tiny CPU input, and the roofline."""
+    from forkdec.bench import gpu_xquant
+    assert gpu_xquant.main(["--dry-run", "--models", "smollm2"]) == 0
+    printed = capsys.readouterr().out
+    assert "Roofline estimate" in printed and "ran, output (3, 4, 32)" in printed
+
+
+def test_gpu_xquant_roofline_counts_bytes_and_flops():
+    """The estimate's inputs, by hand for SmolLM2: bf16 K/V 768 bytes per token, 4-bit raw X 576 * (0.5 + 4/64)
+    = 324, latents 2 * 192 * 0.5625 = 216; raw X adds 4 * 576 * 192 FLOPs per token."""
+    from forkdec.bench import gpu_xquant as gx
+    m = gx.MODELS["smollm2"]
+    assert gx.cache_bytes_per_token(m, "bf16 K/V") == 768
+    assert gx.cache_bytes_per_token(m, "raw X") == 324
+    assert gx.cache_bytes_per_token(m, "latent") == 216
+    assert gx.remat_flops_per_token(m, "raw X") == 4 * 576 * 192
+    assert gx.remat_flops_per_token(m, "bf16 K/V") == 0
