@@ -301,3 +301,38 @@ def test_gpu_xquant_roofline_counts_bytes_and_flops():
     assert gx.cache_bytes_per_token(m, "latent") == 216
     assert gx.remat_flops_per_token(m, "raw X") == 4 * 576 * 192
     assert gx.remat_flops_per_token(m, "bf16 K/V") == 0
+
+
+@needs_cpu
+def test_kernel_backends_name_an_unsupported_dtype():
+    xq, indptr, indices, last, start, wk, wv, g = _setup(4, "token", [40])
+    cos, sin = _rope_tables(64, D)
+    qo = torch.tensor([0, 1], dtype=torch.int32)
+    with pytest.raises(ValueError, match="q"):
+        forkdec.ops.xquant_attention(torch.randn(1, HQ, D, dtype=torch.float64), qo, xq, xq, indptr, indices, last,
+                                     start, wk, wv, cos, sin, backend="cpu")
+    window = torch.randn(2, 32, W, dtype=torch.float64)
+    with pytest.raises(ValueError, match="xk_pages"):
+        forkdec.ops.xquant_attention(torch.randn(1, HQ, D), qo, window, window, indptr,
+                                     torch.tensor([1, 0], dtype=torch.int32), last, start, wk, wv, cos, sin,
+                                     backend="cpu")
+
+
+@pytest.mark.skipif(unavailable_reason("triton", "xquant_attention", torch.device("cpu")) is not None,
+                    reason=str(unavailable_reason("triton", "xquant_attention", torch.device("cpu"))))
+@pytest.mark.parametrize("splits", [1, 3])
+def test_triton_split_kv_matches_reference(splits):
+    """The Triton kernel with each request's keys split into chunks merged by LSE (decode on a GPU)."""
+    from forkdec.triton_kernels import xquant as kernels
+    xq, indptr, indices, last, start, wk, wv, g = _setup(3, "channel", [96, 64, 0, 32])
+    qo_indptr = torch.tensor([0, 2, 3, 4, 7], dtype=torch.int32)
+    q = torch.randn(7, HQ, D, generator=g)
+    bk, bv = torch.randn(HKV * D, generator=g), torch.randn(HKV * D, generator=g)
+    cos, sin = _rope_tables(256, D)
+    out, lse = kernels.xquant_attention(q, qo_indptr, *page_args(xq), *page_args(xq), xq.page_size, indptr, indices,
+                                        last, start, wk, wv, bk, bv, cos, sin, True, None, 0.2, num_splits=splits)
+    want, want_lse = forkdec.ops.xquant_attention(q, qo_indptr, xq, xq, indptr, indices, last, start, wk, wv, cos,
+                                                  sin, bk=bk, bv=bv, causal=True, sm_scale=0.2, return_lse=True,
+                                                  backend="reference")
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-4, atol=1e-4)

@@ -14,10 +14,13 @@ SmolLM2 KV head take 192 rows: three blocks of 64). Per tile of BLOCK_N keys
   - V = X̂v·wv + bv (on a GPU the [BLOCK_M, Wv] P·X̂v accumulator the CPU kernel
     uses would not fit in registers for Wv = 576),
   - S = Q K^T, masks, online softmax in base 2 and O += P V, all fp32.
-No split-KV yet: one program walks all keys of its request.
+When there are too few programs to fill the GPU (a few requests with long
+prompts: decode), each request's keys are split into chunks whose states are
+merged by LSE (triton_kernels/attention.py's merge_states).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -30,6 +33,14 @@ LN2 = tl.constexpr(0.6931471805599453)
 MASK_NONE = 0
 MASK_BOOL = 1
 MASK_PACKED = 2
+# Split-KV: split only while there are fewer than SPLIT_TARGET_WAVES programs
+# per SM, into chunks of at least MIN_SPLIT_TOKENS keys.
+SPLIT_TARGET_WAVES = 2
+MIN_SPLIT_TOKENS = 256
+MAX_SPLITS = 16
+# The interpreter has no SMs; pretending it has a few makes it exercise the split path.
+INTERPRETER_SMS = 4
+BLOCK_N = 16
 
 
 @triton.jit
@@ -68,7 +79,7 @@ def _load_x(codes_ptr, scale_ptr, zero_ptr, page, tp, ok_t, cols, width, page_si
 
 @triton.jit
 def _xquant_kernel(
-        q_ptr, sq_t, sq_h, out_ptr, lse_ptr,
+        q_ptr, sq_t, sq_h, out_ptr, lse_ptr, so_q, so_split, sl_q, sl_split, num_splits, split_len,
         qo_indptr_ptr, kv_indptr_ptr, kv_indices_ptr, last_ptr, start_ptr, mask_ptr, mask_off_ptr,
         xk_ptr, xk_scale_ptr, xk_zero_ptr, xk_sp, xk_st, wk_dim,
         xv_ptr, xv_scale_ptr, xv_zero_ptr, xv_sp, xv_st, wv_dim,
@@ -80,7 +91,8 @@ def _xquant_kernel(
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
     b = tl.program_id(0)
     hk = tl.program_id(1)
-    mb = tl.program_id(2)
+    mb = tl.program_id(2) // num_splits
+    split = tl.program_id(2) % num_splits
     q0 = tl.load(qo_indptr_ptr + b)
     qo_len = tl.load(qo_indptr_ptr + b + 1) - q0
     p0 = tl.load(kv_indptr_ptr + b)
@@ -108,7 +120,8 @@ def _xquant_kernel(
     l = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     mask_off = tl.load(mask_off_ptr + b)
-    for t0 in range(0, kv_len, BLOCK_N):
+    k_end = tl.minimum(kv_len, (split + 1) * split_len)
+    for t0 in range(split * split_len, k_end, BLOCK_N):
         t = t0 + tl.arange(0, BLOCK_N)
         t_ok = t < kv_len
         page = tl.load(kv_indices_ptr + p0 + t // page_size, mask=t_ok, other=0)
@@ -165,9 +178,24 @@ def _xquant_kernel(
     seen = l > 0
     o = tl.where(seen[:, None], acc / tl.where(seen, l, 1.0)[:, None], 0.0)
     lse = tl.where(seen, (m + tl.log2(tl.where(seen, l, 1.0))) * LN2, float("-inf"))
-    row = (q0 + qi).to(tl.int64) * hq + head
-    tl.store(out_ptr + row[:, None] * D + d[None, :], o, mask=r_ok[:, None])
-    tl.store(lse_ptr + row, lse, mask=r_ok)
+    qrow = (q0 + qi).to(tl.int64)
+    tl.store(out_ptr + (qrow * so_q + split * so_split + head * D)[:, None] + d[None, :], o, mask=r_ok[:, None])
+    tl.store(lse_ptr + qrow * sl_q + split * sl_split + head, lse, mask=r_ok)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return INTERPRETER_SMS
+
+
+def _choose_splits(programs: int, max_kv: int, device: torch.device) -> int:
+    """KV chunks per request: enough programs to fill the GPU, chunks not too short."""
+    target = SPLIT_TARGET_WAVES * _sm_count(device)
+    if programs >= target:
+        return 1
+    return max(1, min(MAX_SPLITS, triton.cdiv(max_kv, MIN_SPLIT_TOKENS), triton.cdiv(target, programs)))
 
 
 def _store_args(x: Tensor, scale: Tensor | None, zero: Tensor | None) -> tuple:
@@ -183,8 +211,9 @@ def xquant_attention(q: Tensor, qo_indptr: Tensor, xk: Tensor, xk_scale: Tensor 
                      xv_width: int, page_size: int, kv_indptr: Tensor, kv_indices: Tensor, kv_last_page_len: Tensor,
                      kv_start_pos: Tensor, wk: Tensor, wv: Tensor, bk: Tensor | None, bv: Tensor | None,
                      rope_cos: Tensor, rope_sin: Tensor, causal: bool, custom_mask: Tensor | None,
-                     sm_scale: float) -> tuple[Tensor, Tensor]:
-    """Arguments of torch.ops.forkdec.xquant_attention (already validated by the face)."""
+                     sm_scale: float, num_splits: int | None = None) -> tuple[Tensor, Tensor]:
+    """Arguments of torch.ops.forkdec.xquant_attention (already validated by the face);
+    num_splits forces the number of KV chunks per request (tests)."""
     total_q, hq, d = q.shape
     hkv = wk.shape[1] // d
     group = hq // hkv
@@ -212,11 +241,20 @@ def xquant_attention(q: Tensor, qo_indptr: Tensor, xk: Tensor, xk_scale: Tensor 
     bv_arg = f32(bv) if bv is not None else wv
     k_args = _store_args(xk, xk_scale, xk_zero)
     v_args = _store_args(xv, xv_scale, xv_zero)
-    max_rows = int(qo_lens.max()) * group
+    lens = torch.stack([qo_lens, kv_lens]).cpu()  # the one device-to-host read
+    max_rows, max_kv = int(lens[0].max()) * group, int(lens[1].max())
     block_m = max(16, min(64, triton.next_power_of_2(max(max_rows, 1))))
-    grid = (batch, hkv, max(1, math.ceil(max_rows / block_m)))
-    _xquant_kernel[grid](
-        qv, qv.stride(0), qv.stride(1), out, lse,
+    row_blocks = max(1, math.ceil(max_rows / block_m))
+    splits = num_splits or _choose_splits(batch * hkv * row_blocks, max_kv, q.device)
+    split_len = triton.cdiv(triton.cdiv(max(max_kv, 1), splits), BLOCK_N) * BLOCK_N
+    if splits > 1:  # partial states [total_q, splits, Hq, D], merged below
+        o_buf = torch.zeros(total_q, splits, hq, d, dtype=torch.float32, device=q.device)
+        l_buf = torch.full((total_q, splits, hq), float("-inf"), dtype=torch.float32, device=q.device)
+        strides = (splits * hq * d, hq * d, splits * hq, hq)
+    else:
+        o_buf, l_buf, strides = out, lse, (hq * d, 0, hq, 0)
+    _xquant_kernel[(batch, hkv, row_blocks * splits)](
+        qv, qv.stride(0), qv.stride(1), o_buf, l_buf, *strides, splits, split_len,
         qo_indptr, kv_indptr, kv_indices, last, start, mask_arg, mask_off,
         k_args[0], k_args[1], k_args[2], k_args[3], k_args[4], xk_width,
         v_args[0], v_args[1], v_args[2], v_args[3], v_args[4], xv_width,
@@ -225,5 +263,8 @@ def xquant_attention(q: Tensor, qo_indptr: Tensor, xk: Tensor, xk_scale: Tensor 
         D=d, HAS_BK=bk is not None, HAS_BV=bv is not None, CAUSAL=bool(causal), MASK_MODE=mode,
         K_QUANT=xk_scale is not None, K_BITS=xk_bits, K_GS=max(xk_group_size, 1), K_CHANNEL=xk_axis == 1,
         V_QUANT=xv_scale is not None, V_BITS=xv_bits, V_GS=max(xv_group_size, 1), V_CHANNEL=xv_axis == 1,
-        BLOCK_M=block_m, BLOCK_N=16, BLOCK_W=32)
+        BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_W=32)
+    if splits > 1:
+        from forkdec.triton_kernels.attention import merge_states
+        out, lse = merge_states(o_buf, l_buf)
     return out.to(q.dtype), lse

@@ -390,7 +390,8 @@ XQ_INLINE V vload(const float* p) {
   return v;
 }
 XQ_INLINE void vstore(float* p, V v) { std::memcpy(p, &v, sizeof v); }
-XQ_INLINE V vset(float x) { return V{} + x; }
+// x - 0 is x for every x (V{} + x is not, for -0), so this folds to a plain broadcast.
+XQ_INLINE V vset(float x) { return x - V{}; }
 
 // 2^x: x = n + r, r in [-1/2, 1/2], 2^r by its Taylor series to degree 6
 // (relative error < 2e-7); x <= -127 (masked keys: -inf) gives exactly 0.
@@ -543,6 +544,7 @@ XQ_TARGET void run_item(const Ctx& ctx, const Item& it, Scratch& sc) {
       dequantize_page(p.xk, ps, pages[k], nk, xk + (k - pg) * ps * wk);
       if (!p.v_is_k) dequantize_page(p.xv, ps, pages[k], nk, xv + (k - pg) * ps * wv);
     }
+    if (p.pages_dequantized) __atomic_fetch_add(p.pages_dequantized, (pend - pg) * (p.v_is_k ? 1 : 2), __ATOMIC_RELAXED);
     // 2. K = X̂k·wk + bk for all heads, then RoPE into K^T per head (below).
     for (int64_t t = 0; t < n; ++t) {
       float* row = kall + t * hd;

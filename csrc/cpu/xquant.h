@@ -69,6 +69,9 @@ struct XQuantProblem {
   const int32_t* kv_start_pos = nullptr;
   float sm_scale = 1.0f;
   int64_t kv_chunk_pages = 0;  // > 0: split every request into runs of this many pages (tests)
+  // Optional (tests): incremented atomically once per page dequantized, per store
+  // (a page of a raw-X store read for K and V counts once).
+  int64_t* pages_dequantized = nullptr;
 };
 
 // out [total_q, Hq, D] fp32 contiguous, lse [total_q, Hq] fp32 (natural log,

@@ -214,7 +214,17 @@ void run_config(const Config& cfg, int threads_count) {
       for (auto& t : pool) t.join();
     };
   }
+  int64_t dequantized = 0;
+  p.pages_dequantized = &dequantized;
   fc::xquant_attention(p, out.data(), lse.data(), threads);
+  // Each page of a request with queries is dequantized once per store, whatever
+  // the number of queries, heads, threads or runs.
+  int64_t want_pages = 0;
+  for (int64_t b = 0; b < batch; ++b) want_pages += cfg.qo_lens[b] > 0 ? indptr[b + 1] - indptr[b] : 0;
+  if (dequantized != want_pages * (cfg.same ? 1 : 2)) {
+    fail(cfg.name + ": " + std::to_string(dequantized) + " page dequantizations, expected " +
+         std::to_string(want_pages * (cfg.same ? 1 : 2)));
+  }
 
   // The naive version: K, V per request in double, then attention.
   int64_t mask_off = 0;
@@ -304,7 +314,8 @@ int main() {
        true, true, true, 0},
       {"many_rows_deferred_off", 0, 4, 64, true, true, 0, 0, 0, false, 64, 64, 64, 4, 1, 128, {256}, {40},
        false, false, true, 1},
-      {"d256", 0, 8, 128, false, true, 0, 0, 0, false, 128, 128, 32, 2, 1, 256, {70}, {3}, true, false, false, 0},
+      {"d256_and_a_request_without_queries", 0, 8, 128, false, true, 0, 0, 0, false, 128, 128, 32, 2, 1, 256,
+       {70, 40}, {3, 0}, true, false, false, 0},
   };
   for (const fc::Isa isa : fc::available_isas()) {
     fc::set_isa(isa);

@@ -21,6 +21,7 @@ from forkdec.xquant.pages import QuantizedPages
 
 BACKENDS = ("reference", "cpu", "triton")
 AXIS_IDS = {"token": 0, "channel": 1}
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _pages_shape(x_pages: QuantizedPages | Tensor, name: str) -> tuple[int, int, int]:
@@ -47,6 +48,8 @@ def xquant_attention(q: Tensor, qo_indptr: Tensor, xk_pages: QuantizedPages | Te
     wk [Wk, Hkv*D], wv [Wv, Hkv*D] (bk, bv [Hkv*D] optional): K = X̂k·wk + bk, V = X̂v·wv + bv.
     rope_cos, rope_sin [max_pos, D] fp32, rotate-half layout (halves repeated).
     causal / custom_mask / sm_scale / return_lse as in `attention`.
+    Returns out [total_q, Hq, D] in q's dtype (and lse [total_q, Hq] fp32).
+    Backends: reference, cpu (C++; q and float pages fp32/fp16/bf16), triton.
     """
     if validation_enabled():
         require(q.dim() == 3 and q.is_floating_point(), "q", f"expected float [total_q, Hq, D], got {tuple(q.shape)}")
@@ -81,6 +84,11 @@ def xquant_attention(q: Tensor, qo_indptr: Tensor, xk_pages: QuantizedPages | Te
         return reference.xquant_attention(q, qo_indptr, xk_pages, xv_pages, kv_indptr, kv_indices, kv_last_page_len,
                                           kv_start_pos, wk, wv, rope_cos, rope_sin, bk=bk, bv=bv, causal=causal,
                                           custom_mask=custom_mask, sm_scale=sm_scale, return_lse=return_lse)
+    if validation_enabled():
+        require(q.dtype in KERNEL_DTYPES, "q", f"dtype {q.dtype} not supported by the {name} backend (fp32, fp16, bf16)")
+        for arg, pages in (("xk_pages", xk_pages), ("xv_pages", xv_pages)):
+            require(isinstance(pages, QuantizedPages) or pages.dtype in KERNEL_DTYPES, arg,
+                    f"float pages must be fp32, fp16 or bf16 for the {name} backend")
     page_size = xk_pages.page_size if isinstance(xk_pages, QuantizedPages) else xk_pages.shape[1]
     op = torch.ops.forkdec.xquant_attention if name == "cpu" else torch.ops.forkdec.xquant_attention_triton
     out, lse = op(q, qo_indptr, *page_args(xk_pages), *page_args(xv_pages), page_size, kv_indptr, kv_indices,
