@@ -126,3 +126,213 @@ def test_bad_input_names_the_argument():
             call(**over)
     with pytest.raises(ValueError, match="page_size"):
         QuantizedPages.empty(4, 48, W, 4, 32, "channel")
+
+
+# ---- the cpu backend (C++ kernel) ----------------------------------------------------------------
+
+import zlib  # noqa: E402
+
+from forkdec.backends import unavailable_reason  # noqa: E402
+from forkdec.ops.xquant import page_args  # noqa: E402
+
+CPU_REASON = unavailable_reason("cpu", "xquant_attention", torch.device("cpu"))
+needs_cpu = pytest.mark.skipif(CPU_REASON is not None, reason=str(CPU_REASON))
+
+
+def _xquant_spec_params():
+    """The shared-harness cases of tests/specs/xquant.py for the cpu backend (on every ISA) and the
+    triton backend. (They run here because this branch may not edit tests/specs/__init__.py; once the
+    integrator registers specs.xquant there, test_harness.py runs them too and this test can go.)"""
+    from harness import DTYPES, backend_variants
+    from specs import xquant as spec_module
+    spec = next(s for s in spec_module.SPECS if s.name == "xquant_attention")
+    for variant in backend_variants(spec):
+        for dtype in DTYPES:
+            for case in spec.cases:
+                yield pytest.param(spec, variant, dtype, case, id=f"{variant}-{str(dtype)[6:]}-{case.id}")
+
+
+@pytest.mark.parametrize("spec,variant,dtype,case", list(_xquant_spec_params()))
+def test_backend_matches_reference_on_harness_cases(spec, variant, dtype, case):
+    from harness import skip_reason
+    reason = skip_reason(spec, variant, case)
+    if reason is not None:
+        pytest.skip(reason)
+    backend = variant.split("[")[0]
+    ext = forkdec._extension.load()
+    previous = ext.cpu_isa() if ext is not None else None
+    if "[" in variant:
+        ext.set_cpu_isa(variant[len("cpu["):-1])
+    try:
+        g = torch.Generator().manual_seed(zlib.crc32(f"{spec.name}/{case.id}".encode()))
+        args, kwargs = case.make(dtype, g)
+        spec.compare(spec.op(*args, **kwargs, backend=backend), spec.reference(*args, **kwargs), dtype)
+    finally:
+        if previous is not None:
+            ext.set_cpu_isa(previous)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_each_backend_matches_attention_over_rematerialized_kv(backend):
+    """The independent check above, for each backend explicitly (auto picks cpu when it is built)."""
+    if backend == "cpu" and CPU_REASON is not None:
+        pytest.skip(CPU_REASON)
+    xq, indptr, indices, last, start, wk, wv, g = _setup(4, "channel", [64, 32, 96])
+    qo_indptr = torch.tensor([0, 2, 3, 7], dtype=torch.int32)
+    q = torch.randn(7, HQ, D, generator=g)
+    cos, sin = _rope_tables(256, D)
+    out, lse = forkdec.ops.xquant_attention(q, qo_indptr, xq, xq, indptr, indices, last, start, wk, wv, cos, sin,
+                                            causal=True, return_lse=True, backend=backend)
+    want, want_lse = _expected(q, qo_indptr, xq, indptr, indices, last, start, wk, wv, None, None, True, None)
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-4, atol=1e-4)
+
+
+@needs_cpu
+def test_cpu_shared_prompt_equals_per_path_requests():
+    """64 paths' queries as one request over a shared prompt (each page rematerialized once) equal
+    the same queries as 64 requests over the same pages, and a split over threads changes nothing."""
+    xq, indptr, indices, last, start, wk, wv, g = _setup(4, "channel", [256], start=[5])
+    q = torch.randn(64, HQ, D, generator=g)
+    cos, sin = _rope_tables(300, D)
+    shared = forkdec.ops.xquant_attention(q, torch.tensor([0, 64], dtype=torch.int32), xq, xq, indptr, indices,
+                                          last, start, wk, wv, cos, sin, return_lse=True, backend="cpu")
+    n = indptr[1]
+    per_path = forkdec.ops.xquant_attention(
+        q, torch.arange(65, dtype=torch.int32), xq, xq, torch.arange(65, dtype=torch.int32) * n,
+        indices[:n].repeat(64), last.repeat(64), start.repeat(64), wk, wv, cos, sin, return_lse=True, backend="cpu")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one_thread = forkdec.ops.xquant_attention(q, torch.tensor([0, 64], dtype=torch.int32), xq, xq, indptr,
+                                                  indices, last, start, wk, wv, cos, sin, return_lse=True,
+                                                  backend="cpu")
+    finally:
+        torch.set_num_threads(previous)
+    for a, b in [(shared, per_path), (shared, one_thread)]:
+        torch.testing.assert_close(a[0], b[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a[1], b[1], rtol=1e-5, atol=1e-5)
+
+
+@needs_cpu
+def test_cpu_op_checks_bounds_on_direct_calls():
+    """torch.ops.forkdec.xquant_attention (no Python validation) refuses what would read out of bounds."""
+    xq, indptr, indices, last, start, wk, wv, g = _setup(4, "token", [40])
+    cos, sin = _rope_tables(64, D)
+    q = torch.randn(1, HQ, D)
+    qo = torch.tensor([0, 1], dtype=torch.int32)
+
+    def call(**over):
+        a = dict(xk=page_args(xq), xv=page_args(xq), indices=indices, start=start, cos=cos, last=last, wk=wk)
+        a.update(over)
+        return torch.ops.forkdec.xquant_attention(q, qo, *a["xk"], *a["xv"], xq.page_size, indptr, a["indices"],
+                                                  a["last"], a["start"], a["wk"], wv, None, None, a["cos"], sin,
+                                                  False, None, 0.2)
+
+    call()
+    codes, scale, zero, bits, gs, axis, w = page_args(xq)
+    for over, pattern in [(dict(indices=indices + 100), "kv_indices"), (dict(start=torch.tensor([30])), "kv_start_pos"),
+                          (dict(last=torch.tensor([33], dtype=torch.int32)), "kv_last_page_len"),
+                          (dict(xk=(codes, scale, zero, 5, gs, axis, w)), "xk_bits"),
+                          (dict(xk=(codes[:, :-1], scale, zero, bits, gs, axis, w)), "codes"),
+                          (dict(xk=(codes, scale.float(), zero, bits, gs, axis, w)), "xk_scale"),
+                          (dict(xk=(codes, scale, None, bits, gs, axis, w)), "xk_zero"),
+                          (dict(wk=wk[:-1]), "wk"), (dict(cos=cos[:, :4]), "rope_cos")]:
+        with pytest.raises(RuntimeError, match=pattern):
+            call(**over)
+
+
+@needs_cpu
+def test_cpu_float_window_in_bf16_matches_reference():
+    """Full-precision window pages stored in bf16, q in bf16."""
+    g = torch.Generator().manual_seed(3)
+    window = torch.randn(3, 16, W, generator=g).bfloat16()
+    q = torch.randn(4, HQ, D, generator=g).bfloat16()
+    wk, wv = torch.randn(W, HKV * D, generator=g) / 8, torch.randn(W, HKV * D, generator=g) / 8
+    cos, sin = _rope_tables(200, D)
+    args = (q, torch.tensor([0, 4], dtype=torch.int32), window, window, torch.tensor([0, 3], dtype=torch.int32),
+            torch.tensor([2, 0, 1], dtype=torch.int32), torch.tensor([5], dtype=torch.int32),
+            torch.tensor([100], dtype=torch.int32), wk, wv, cos, sin)
+    out, lse = forkdec.ops.xquant_attention(*args, causal=True, return_lse=True, backend="cpu")
+    want, want_lse = forkdec.ops.xquant_attention(*args, causal=True, return_lse=True, backend="reference")
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), want.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-4, atol=1e-4)
+
+
+@needs_cpu
+def test_torch_compile_fullgraph_traces_the_op():
+    torch._dynamo.reset()
+    xq, indptr, indices, last, start, wk, wv, g = _setup(4, "token", [40])
+    cos, sin = _rope_tables(64, D)
+    q = torch.randn(2, HQ, D, generator=g)
+    qo = torch.tensor([0, 2], dtype=torch.int32)
+    codes, scale, zero, bits, gs, axis, w = page_args(xq)
+
+    def f(q):
+        out, lse = torch.ops.forkdec.xquant_attention(q * 2, qo, codes, scale, zero, bits, gs, axis, w, codes, scale,
+                                                      zero, bits, gs, axis, w, xq.page_size, indptr, indices, last,
+                                                      start, wk, wv, None, None, cos, sin, False, None, 0.2)
+        return out + 1, lse
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out, lse = compiled(q)
+    want, want_lse = forkdec.ops.xquant_attention(q * 2, qo, xq, xq, indptr, indices, last, start, wk, wv, cos, sin,
+                                                  sm_scale=0.2, return_lse=True, backend="reference")
+    torch.testing.assert_close(out, want + 1, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-4, atol=1e-4)
+
+
+def test_gpu_xquant_bench_plumbing_runs_on_cpu(capsys):
+    """bench/gpu_xquant.py --dry-run: every implementation once on a tiny CPU input, and the roofline."""
+    from forkdec.bench import gpu_xquant
+    assert gpu_xquant.main(["--dry-run", "--models", "smollm2"]) == 0
+    printed = capsys.readouterr().out
+    assert "Roofline estimate" in printed and "ran, output (3, 4, 32)" in printed
+
+
+def test_gpu_xquant_roofline_counts_bytes_and_flops():
+    """The estimate's inputs, by hand for SmolLM2: bf16 K/V 768 bytes per token, 4-bit raw X 576 * (0.5 + 4/64)
+    = 324, latents 2 * 192 * 0.5625 = 216; raw X adds 4 * 576 * 192 FLOPs per token."""
+    from forkdec.bench import gpu_xquant as gx
+    m = gx.MODELS["smollm2"]
+    assert gx.cache_bytes_per_token(m, "bf16 K/V") == 768
+    assert gx.cache_bytes_per_token(m, "raw X") == 324
+    assert gx.cache_bytes_per_token(m, "latent") == 216
+    assert gx.remat_flops_per_token(m, "raw X") == 4 * 576 * 192
+    assert gx.remat_flops_per_token(m, "bf16 K/V") == 0
+
+
+@needs_cpu
+def test_kernel_backends_name_an_unsupported_dtype():
+    xq, indptr, indices, last, start, wk, wv, g = _setup(4, "token", [40])
+    cos, sin = _rope_tables(64, D)
+    qo = torch.tensor([0, 1], dtype=torch.int32)
+    with pytest.raises(ValueError, match="q"):
+        forkdec.ops.xquant_attention(torch.randn(1, HQ, D, dtype=torch.float64), qo, xq, xq, indptr, indices, last,
+                                     start, wk, wv, cos, sin, backend="cpu")
+    window = torch.randn(2, 32, W, dtype=torch.float64)
+    with pytest.raises(ValueError, match="xk_pages"):
+        forkdec.ops.xquant_attention(torch.randn(1, HQ, D), qo, window, window, indptr,
+                                     torch.tensor([1, 0], dtype=torch.int32), last, start, wk, wv, cos, sin,
+                                     backend="cpu")
+
+
+@pytest.mark.skipif(unavailable_reason("triton", "xquant_attention", torch.device("cpu")) is not None,
+                    reason=str(unavailable_reason("triton", "xquant_attention", torch.device("cpu"))))
+@pytest.mark.parametrize("splits", [1, 3])
+def test_triton_split_kv_matches_reference(splits):
+    """The Triton kernel with each request's keys split into chunks merged by LSE (decode on a GPU)."""
+    from forkdec.triton_kernels import xquant as kernels
+    xq, indptr, indices, last, start, wk, wv, g = _setup(3, "channel", [96, 64, 0, 32])
+    qo_indptr = torch.tensor([0, 2, 3, 4, 7], dtype=torch.int32)
+    q = torch.randn(7, HQ, D, generator=g)
+    bk, bv = torch.randn(HKV * D, generator=g), torch.randn(HKV * D, generator=g)
+    cos, sin = _rope_tables(256, D)
+    out, lse = kernels.xquant_attention(q, qo_indptr, *page_args(xq), *page_args(xq), xq.page_size, indptr, indices,
+                                        last, start, wk, wv, bk, bv, cos, sin, True, None, 0.2, num_splits=splits)
+    want, want_lse = forkdec.ops.xquant_attention(q, qo_indptr, xq, xq, indptr, indices, last, start, wk, wv, cos,
+                                                  sin, bk=bk, bv=bv, causal=True, sm_scale=0.2, return_lse=True,
+                                                  backend="reference")
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-4, atol=1e-4)
