@@ -45,10 +45,23 @@ def measure(shape: tuple[int, int], rounds: int) -> dict[str, float]:
     logits = torch.randn(shape, generator=g) * 4
     ids = torch.zeros(FAN_OUT, dtype=torch.long)
     one_row = logits[:1]
+    threads = torch.get_num_threads()
+
+    def forkdec_sample():
+        return forkdec.ops.sample(logits, temperature=TEMPERATURE, top_k=TOP_K, top_p=TOP_P, generator=g,
+                                  backend="cpu")
+
+    def one_thread():  # on a shared machine, waking the other threads can cost more than the work
+        torch.set_num_threads(1)
+        try:
+            return forkdec_sample()
+        finally:
+            torch.set_num_threads(threads)
+
     with forkdec.validation(False):
         return time_interleaved({
-            "forkdec": lambda: forkdec.ops.sample(logits, temperature=TEMPERATURE, top_k=TOP_K, top_p=TOP_P,
-                                                  generator=g, backend="cpu"),
+            "forkdec": forkdec_sample,
+            "forkdec 1 thread": one_thread,
             "torch": lambda: torch_sample(logits, TEMPERATURE, TOP_K, TOP_P, g),
             "forkdec greedy": lambda: forkdec.ops.sample(logits, temperature=0.0, generator=g, backend="cpu"),
             "torch.argmax": lambda: logits.argmax(dim=-1),
@@ -75,14 +88,14 @@ def run(argv: list[str] | None = None) -> int:
     for shape in shapes:
         t = measure(shape, args.rounds)
         gbs = shape[0] * shape[1] * 4 / t["forkdec"] / 1e9
-        rows.append([f"{shape[0]}x{shape[1]}", f"{t['forkdec'] * 1e3:.2f}", f"{t['torch'] * 1e3:.1f}",
-                     f"{t['torch'] / t['forkdec']:.1f}x", f"{gbs:.1f}",
+        rows.append([f"{shape[0]}x{shape[1]}", f"{t['forkdec'] * 1e3:.2f}", f"{t['forkdec 1 thread'] * 1e3:.2f}",
+                     f"{t['torch'] * 1e3:.1f}", f"{t['torch'] / t['forkdec']:.1f}x", f"{gbs:.1f}",
                      f"{t['forkdec greedy'] * 1e3:.2f}", f"{t['torch.argmax'] * 1e3:.2f}",
                      f"{t['torch.argmax'] / t['forkdec greedy']:.2f}x",
                      f"{t['forkdec fan-out'] * 1e3:.3f}", f"{t['torch fan-out'] * 1e3:.2f}",
                      f"{t['torch fan-out'] / t['forkdec fan-out']:.1f}x"])
         print(rows[-1])
-    header = ["shape (fp32)", "forkdec ms", "torch ms", "vs torch", "forkdec GB/s", "greedy ms", "torch.argmax ms",
+    header = ["shape (fp32)", "forkdec ms", "forkdec 1 thread ms", "torch ms", "vs torch", "forkdec GB/s", "greedy ms", "torch.argmax ms",
               "greedy vs argmax", f"fan-out 1->{FAN_OUT} ms", "torch fan-out ms", "fan-out vs torch"]
     table = markdown_table(header, rows)
     print(table)
