@@ -24,8 +24,9 @@ BLOCK_V = 1024
 @triton.jit
 def _row_argmax(row_ptr, vocab, BLOCK: tl.constexpr):
     """First index of the maximum of a row (read in its dtype, compared in fp32)."""
-    best = -float("inf")
-    best_idx = 0
+    # loop-carried scalars start as tensors (a constexpr start would change type in the loop)
+    best = tl.program_id(0).to(tl.float32) * 0 - float("inf")
+    best_idx = tl.program_id(0) * 0
     for v0 in range(0, vocab, BLOCK):
         offs = v0 + tl.arange(0, BLOCK)
         vals = tl.load(row_ptr + offs, mask=offs < vocab, other=-float("inf")).to(tl.float32)
@@ -76,8 +77,8 @@ def _greedy_kernel(tok_ptr, par_ptr, indptr_ptr, logits_ptr, stride_l,
     for j in range(0, max_depth):
         tl.store(out_tok + j + 1, -1)
         tl.store(out_node + j, -1)
-    node = tl.load(best_child_ptr + base) * 0 - 1
-    depth = 0
+    node = b * 0 - 1
+    depth = b * 0
     child = tl.load(best_child_ptr + base)
     while child >= 0:
         tl.store(out_tok + depth, tl.load(tok_ptr + start + child))
@@ -126,8 +127,8 @@ def _inverse_cdf(p_ptr, u, vocab, BLOCK: tl.constexpr):
         acc += tl.load(p_ptr + offs, mask=offs < vocab, other=0.0).to(tl.float32).to(tl.float64)
     threshold = u * tl.sum(acc, 0)
     running = tl.sum(tl.zeros((BLOCK,), dtype=tl.float64), 0)
-    found = vocab
-    last_positive = -1
+    found = tl.program_id(0) * 0 + vocab
+    last_positive = tl.program_id(0) * 0 - 1
     for v0 in range(0, vocab, BLOCK):
         offs = v0 + tl.arange(0, BLOCK)
         m = offs < vocab
