@@ -119,8 +119,10 @@ def read_weights(reader: Any, config: ModelConfig, path: str) -> dict[str, torch
             array = dequantize(t.data, t.tensor_type)
         except Exception as e:
             raise ValueError(f"model: cannot dequantize {t.name} ({t.tensor_type.name}) in {path!r}: {e}") from e
-        w = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).reshape(
-            tuple(int(n) for n in reversed(t.shape)))
+        array = np.ascontiguousarray(array, dtype=np.float32)
+        if not array.flags.writeable:  # F32 tensors come back as views of the read-only memmap
+            array = array.copy()
+        w = torch.from_numpy(array).reshape(tuple(int(n) for n in reversed(t.shape)))
         # Only llama's converter permutes q/k; qwen2's keeps the Hugging Face layout.
         if config.architecture == "llama" and ".attn_q." in t.name:
             w = _unpermute(w, config.num_heads)
