@@ -133,18 +133,19 @@ def test_greedy_64_tokens_match_transformers(ours, hf_model):
 @NEEDS_MODEL
 def test_bf16_model_tracks_fp32(wiki_ids, ours_logits):
     """bf16 weights and activations (8 mantissa bits): statistical agreement with fp32 over
-    256 WikiText-2 positions. Measured: top-1 agreement 0.96, mean |diff| 0.09."""
+    256 WikiText-2 positions. Measured: top-1 agreement 0.992, mean |diff| 0.105,
+    mean KL(fp32 || bf16) 0.0009 nats."""
     model, _ = load_model(dtype=torch.bfloat16)
     assert model.dtype == torch.bfloat16
     out = model(wiki_ids, torch.arange(len(wiki_ids)), ContiguousAttention(model.config.num_layers))
     assert out.dtype == torch.float32
     agree = (out.argmax(-1) == ours_logits.argmax(-1)).float().mean().item()
-    assert agree >= 0.90, agree
+    assert agree >= 0.95, agree
     assert (out - ours_logits).abs().mean().item() < 0.3
     # next-token distributions stay close: mean KL(fp32 || bf16) in nats
     kl = torch.nn.functional.kl_div(out.log_softmax(-1), ours_logits.log_softmax(-1), log_target=True,
                                     reduction="batchmean").item()
-    assert kl < 0.05, kl
+    assert kl < 0.01, kl
 
 
 @NEEDS_MODEL

@@ -87,7 +87,8 @@ def load_model(path: str | None = None, *, dtype: torch.dtype | None = None,
         tokenizer = Tokenizer.from_hf_dir(path)
     else:
         require(path.endswith(".gguf"), "model", f"expected a .gguf file or a directory, got {path!r}")
-        model = load_gguf(path, dtype=dtype, device=device)
-        tokenizer = Tokenizer.from_gguf(open_gguf(path))
+        reader = open_gguf(path)
+        model = load_gguf(path, dtype=dtype, device=device, reader=reader)
+        tokenizer = Tokenizer.from_gguf(reader)
     model.eval()
     return model, tokenizer

@@ -132,10 +132,11 @@ def read_weights(reader: Any, config: ModelConfig, path: str) -> dict[str, torch
     return out
 
 
-def load_gguf(path: str, dtype: torch.dtype = torch.float32,
-              device: torch.device | str = "cpu") -> LlamaModel:
-    """LlamaModel with the weights of the GGUF file at `path`, in `dtype`."""
-    reader = open_gguf(path)
+def load_gguf(path: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+              reader: Any = None) -> LlamaModel:
+    """LlamaModel with the weights of the GGUF file at `path`, in `dtype`.
+    `reader`: an `open_gguf(path)` already made (parsing the metadata takes seconds)."""
+    reader = open_gguf(path) if reader is None else reader
     config = read_config(reader, path)
     model = LlamaModel(config, dtype=dtype, device=device)
     model.load_weights(read_weights(reader, config, path))

@@ -66,6 +66,16 @@ class Tokenizer:
         return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                      bos_token=self.bos_token or "", eos_token=self.eos_token or "")
 
+    def save(self, path: str) -> None:
+        """Write tokenizer.json and tokenizer_config.json (with the chat template) into the
+        directory `path`, readable by `from_hf_dir` and by transformers' AutoTokenizer."""
+        os.makedirs(path, exist_ok=True)
+        self._tok.save(os.path.join(path, "tokenizer.json"))
+        cfg = {"bos_token": self.bos_token, "eos_token": self.eos_token, "chat_template": self.chat_template,
+               "add_bos_token": False, "tokenizer_class": "PreTrainedTokenizerFast"}
+        with open(os.path.join(path, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+            json.dump({k: v for k, v in cfg.items() if v is not None}, f, ensure_ascii=False, indent=1)
+
     # ---- construction ----
 
     @classmethod
