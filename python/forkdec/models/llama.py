@@ -91,7 +91,7 @@ class LlamaModel(nn.Module):
             q, k, v = qkv.split((hq * d, hkv * d, hkv * d), dim=-1)
             q = _rotate(q.view(t, hq, d), cos, sin)
             k = _rotate(k.view(t, hkv, d), cos, sin)
-            out = attend(i, q, k, v.reshape(t, hkv, d))
+            out = attend(i, q, k, v.reshape(t, hkv, d).contiguous())
             x = x + F.linear(out.reshape(t, hq * d), layer.o)
             h = _rms_norm(x, layer.ffn_norm, cfg.rms_norm_eps)
             gate, up = F.linear(h, layer.gate_up).chunk(2, dim=-1)
