@@ -252,3 +252,45 @@ def test_rope_scaling_frequencies():
     torch.testing.assert_close(llama3[wavelen > 64], plain[wavelen > 64] / 8)
     mid = (wavelen >= 16) & (wavelen <= 64)
     assert mid.any() and bool(((llama3[mid] <= plain[mid]) & (llama3[mid] >= plain[mid] / 8)).all())
+
+
+# ---- single-sequence attention and dtype choice (no model file needed) ----
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_contiguous_attention_is_causal_sdpa(backend, dtype):
+    """Chunks fed in order through ContiguousAttention equal causal SDPA over the whole sequence."""
+    g = torch.Generator().manual_seed(3)
+    total, hq, hkv, d, layers = 45, 6, 2, 32, 2
+    q, k, v = (torch.randn(layers, total, h, d, generator=g).to(dtype) for h in (hq, hkv, hkv))
+    attend = ContiguousAttention(layers, backend=backend, initial_capacity=8)
+    outs, start = [], 0
+    for size in (7, 1, 0, 20, 1, 16):
+        rows = slice(start, start + size)
+        outs.append([attend(i, q[i, rows], k[i, rows], v[i, rows]) for i in range(layers)])
+        start += size
+    assert attend.num_tokens == total
+    for i in range(layers):
+        got = torch.cat([o[i] for o in outs])
+        kk, vv = (x[i].repeat_interleave(hq // hkv, dim=1).transpose(0, 1).float() for x in (k, v))
+        want = torch.nn.functional.scaled_dot_product_attention(q[i].transpose(0, 1).float(), kk, vv,
+                                                                is_causal=True).transpose(0, 1)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
+    attend.reset()
+    assert attend.num_tokens == 0
+
+
+def test_default_dtype():
+    from forkdec.models import default_dtype
+
+    cpu = default_dtype("cpu")
+    assert cpu in (torch.float32, torch.bfloat16)
+    # bf16 only where the CPU multiplies bf16 natively
+    assert (cpu == torch.bfloat16) == bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+@NEEDS_MODEL
+def test_load_model_bad_dtype():
+    with pytest.raises(ValueError, match="^dtype"):
+        load_model(dtype=torch.int8)
