@@ -294,3 +294,43 @@ def test_default_dtype():
 def test_load_model_bad_dtype():
     with pytest.raises(ValueError, match="^dtype"):
         load_model(dtype=torch.int8)
+
+
+@NEEDS_MODEL
+def test_gguf_file_agrees_with_gguf_reader():
+    """Our metadata/tensor-table reader against the gguf package's GGUFReader on the default file."""
+    import gguf
+    import numpy as np
+
+    from forkdec.models.gguf_file import GGUFFile
+
+    path = default_model_path()
+    ours, ref = GGUFFile(path), gguf.GGUFReader(path)
+    assert set(ours.fields) == {k for k in ref.fields if not k.startswith("GGUF.")}
+    for key, f in ref.fields.items():
+        if not key.startswith("GGUF."):
+            assert ours.fields[key] == f.contents(), key
+    assert len(ours.tensors) == len(ref.tensors) == 272
+    for t, r in zip(ours.tensors, ref.tensors):
+        assert (t.name, t.shape, t.ggml_type) == (r.name, tuple(int(n) for n in reversed(r.shape)), int(r.tensor_type))
+        assert (t.offset, t.nbytes) == (int(r.data_offset), int(r.n_bytes))
+    for i in (0, 1, 100, 271):
+        assert np.array_equal(ours.tensor_data(ours.tensors[i]).reshape(-1),
+                              np.asarray(ref.tensors[i].data).view(np.uint8).reshape(-1))
+
+
+@NEEDS_MODEL
+def test_truncated_or_corrupt_metadata(tmp_path):
+    """Cuts inside the header, the key/values and the tensor table, and a corrupted count."""
+    with open(default_model_path(), "rb") as f:
+        head = f.read(2_000_000)
+    for keep in (0, 3, 10, 30, 1000, 700_000, 1_700_000):
+        cut = tmp_path / f"meta{keep}.gguf"
+        cut.write_bytes(head[:keep])
+        with pytest.raises(ValueError, match=f"^model: .*{cut.name}"):
+            load_gguf(str(cut))
+    bad = bytearray(head)
+    bad[16:24] = (1 << 40).to_bytes(8, "little")  # key/value count
+    (tmp_path / "count.gguf").write_bytes(bytes(bad))
+    with pytest.raises(ValueError, match="^model: .*count.gguf"):
+        load_gguf(str(tmp_path / "count.gguf"))

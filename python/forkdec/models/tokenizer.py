@@ -80,12 +80,15 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, reader: Any) -> "Tokenizer":
-        """From a gguf.GGUFReader's `tokenizer.ggml.*` metadata (GPT-2 byte-level BPE)."""
+        """From a GGUF file's `tokenizer.ggml.*` metadata (GPT-2 byte-level BPE).
+        `reader`: a path or an already opened `gguf_loader.open_gguf(path)`."""
         from tokenizers import AddedToken, decoders, models, pre_tokenizers
         from tokenizers import Tokenizer as Backend
 
-        from forkdec.models.gguf_loader import field
+        from forkdec.models.gguf_loader import field, open_gguf
 
+        if isinstance(reader, (str, os.PathLike)):
+            reader = open_gguf(os.fspath(reader))
         kind = field(reader, "tokenizer.ggml.model")
         if kind != "gpt2":
             raise ValueError(f"model: tokenizer type {kind!r} is not supported (only GPT-2 byte-level BPE, 'gpt2')")
