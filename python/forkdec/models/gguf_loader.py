@@ -58,6 +58,14 @@ def read_config(reader: GGUFFile, path: str) -> ModelConfig:
     vocab = int(field(reader, f"{arch}.vocab_size", embd.shape[0]))
     hidden = int(meta("embedding_length"))
     heads = int(meta("attention.head_count"))
+    head_dim = int(meta("attention.key_length", hidden // heads))
+    # Refuse what the model would compute wrong rather than load it silently.
+    if int(meta("rope.dimension_count", head_dim)) != head_dim:
+        raise ValueError(f"model: {path!r} rotates {meta('rope.dimension_count')} of {head_dim} head dims "
+                         "(partial RoPE is not supported)")
+    if "rope_freqs.weight" in names:
+        raise ValueError(f"model: {path!r} has per-frequency RoPE factors (rope_freqs.weight, Llama 3.1 style), "
+                         "which are not supported; load the Hugging Face checkpoint instead")
     scaling = None
     kind = field(reader, f"{arch}.rope.scaling.type")
     if kind not in (None, "none"):
@@ -74,7 +82,7 @@ def read_config(reader: GGUFFile, path: str) -> ModelConfig:
         architecture=arch, vocab_size=vocab, hidden_size=hidden,
         intermediate_size=int(meta("feed_forward_length")), num_layers=int(meta("block_count")),
         num_heads=heads, num_kv_heads=int(meta("attention.head_count_kv", heads)),
-        head_dim=int(meta("attention.key_length", hidden // heads)),
+        head_dim=head_dim,
         rope_theta=float(meta("rope.freq_base", 10000.0)), rope_scaling=scaling,
         rms_norm_eps=float(meta("attention.layer_norm_rms_epsilon", 1e-5)),
         tie_word_embeddings="output.weight" not in names,
