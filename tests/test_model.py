@@ -356,7 +356,8 @@ def _permute_like_converter(w, heads: int):
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _write_tiny_gguf(path, arch: str, qtype_name: str, tied: bool) -> None:
+def _write_tiny_gguf(path, arch: str, qtype_name: str, tied: bool, rope_dims: int | None = None,
+                     rope_freqs: bool = False) -> None:
     import gguf
     import numpy as np
 
@@ -373,6 +374,8 @@ def _write_tiny_gguf(path, arch: str, qtype_name: str, tied: bool) -> None:
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-6)
     w.add_vocab_size(vocab)
+    if rope_dims is not None:
+        w.add_rope_dimension_count(rope_dims)
     w.add_tokenizer_model("gpt2")
     w.add_token_list(["<s>", "</s>", "<unk>"] + [chr(97 + i % 26) * (1 + i // 26) for i in range(vocab - 3)])
     w.add_token_types([3, 3, 3] + [1] * (vocab - 3))
@@ -392,6 +395,8 @@ def _write_tiny_gguf(path, arch: str, qtype_name: str, tied: bool) -> None:
             w.add_tensor(name, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
 
     add("token_embd.weight", rand(vocab, hidden))
+    if rope_freqs:
+        add("rope_freqs.weight", np.ones(d // 2, dtype=np.float32), matrix=False)
     add("output_norm.weight", 1 + rand(hidden, scale=0.1), matrix=False)
     if not tied:
         add("output.weight", rand(vocab, hidden))
@@ -436,3 +441,14 @@ def test_tiny_gguf_matches_transformers(tmp_path, arch, tied, qtype):
     got = ours(tokens, torch.arange(50), ContiguousAttention(2))
     assert want.abs().max() > 1
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_gguf_rope_variants_are_refused(tmp_path):
+    _write_tiny_gguf(tmp_path / "partial.gguf", "llama", "F32", False, rope_dims=16)
+    with pytest.raises(ValueError, match="^model: .*partial.gguf.*partial RoPE"):
+        load_gguf(str(tmp_path / "partial.gguf"))
+    _write_tiny_gguf(tmp_path / "freqs.gguf", "llama", "F32", False, rope_freqs=True)
+    with pytest.raises(ValueError, match="^model: .*freqs.gguf.*rope_freqs"):
+        load_gguf(str(tmp_path / "freqs.gguf"))
+    _write_tiny_gguf(tmp_path / "full.gguf", "llama", "F32", False, rope_dims=32)
+    assert load_gguf(str(tmp_path / "full.gguf")).config.head_dim == 32
