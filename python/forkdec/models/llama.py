@@ -88,10 +88,11 @@ class LlamaModel(nn.Module):
         for i, layer in enumerate(self.layers):
             h = _rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
             qkv = F.linear(h, layer.qkv, layer.qkv_bias)
-            q, k, v = qkv.split((hq * d, hkv * d, hkv * d), dim=-1)
-            q = _rotate(q.view(t, hq, d), cos, sin)
-            k = _rotate(k.view(t, hkv, d), cos, sin)
-            out = attend(i, q, k, v.reshape(t, hkv, d).contiguous())
+            # q and k heads rotate together: one RoPE over [T, Hq + Hkv, D]
+            qk = _rotate(qkv[:, : (hq + hkv) * d].view(t, hq + hkv, d), cos, sin)
+            q, k = qk.split((hq, hkv), dim=1)
+            v = qkv[:, (hq + hkv) * d:].reshape(t, hkv, d)
+            out = attend(i, q.contiguous(), k.contiguous(), v.contiguous())
             x = x + F.linear(out.reshape(t, hq * d), layer.o)
             h = _rms_norm(x, layer.ffn_norm, cfg.rms_norm_eps)
             gate, up = F.linear(h, layer.gate_up).chunk(2, dim=-1)
