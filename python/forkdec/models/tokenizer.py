@@ -139,13 +139,29 @@ class Tokenizer:
                    bos_token=bos_token, eos_token=eos_token)
 
 
+# Split patterns of the pre-tokenizers llama.cpp names in `tokenizer.ggml.pre` (the
+# patterns of the models' own tokenizer.json files). Llama 3 groups digits by three,
+# Qwen2 isolates each digit; both then map bytes without GPT-2's pattern.
+_LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+           r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+          r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_SPLITS = {"llama3": _LLAMA3, "llama-v3": _LLAMA3, "llama-bpe": _LLAMA3, "smaug-bpe": _LLAMA3,
+           "falcon3": _LLAMA3, "dbrx": _LLAMA3, "qwen2": _QWEN2, "deepseek-r1-qwen": _QWEN2}
+# GPT-2's pattern after splitting every digit alone (SmolLM's and StarCoder's tokenizer.json).
+_DIGITS_THEN_GPT2 = ("smollm", "starcoder", "refact")
+
+
 def _pre_tokenizer(pre: str | None, pre_tokenizers: Any) -> Any:
+    from tokenizers import Regex
+
+    if pre in _SPLITS:
+        return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_SPLITS[pre]), behavior="isolated"),
+                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    # llama.cpp's "smollm" (and "starcoder", "refact") pre-tokenizers split digits one by one,
-    # as the models' own tokenizer.json files do.
-    if pre in ("smollm", "starcoder", "refact"):
+    if pre in _DIGITS_THEN_GPT2:
         return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-    return byte_level
+    return byte_level  # "gpt2", "default" and names this table does not know: GPT-2's pattern
 
 
 def _token_text(token: Any) -> str | None:
