@@ -161,3 +161,21 @@ def test_smollm_pre_tokenizer_splits_digits(tmp_path):
     _write_bpe_gguf(tmp_path / "t.gguf", "smollm")
     ours = Tokenizer.from_gguf(str(tmp_path / "t.gguf"))
     assert len(ours.encode("12345")) == 5 and ours.decode(ours.encode("12345 6")) == "12345 6"
+
+
+def test_template_variables_and_helpers(ours, tmp_path):
+    import json
+
+    from jinja2.exceptions import TemplateError
+
+    ours.save(str(tmp_path))
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = ("{% if not messages %}{{ raise_exception('no messages') }}{% endif %}"
+                            "{{ bos_token }}{{ tools | tojson }}|{{ strftime_now('%Y') | length }}"
+                            "{% for m in messages %}|{{ m['content'] }}{% endfor %}")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    tok = Tokenizer.from_hf_dir(str(tmp_path))
+    assert tok.apply_chat_template([{"role": "user", "content": "é"}], tools=[{"name": "f"}]) == \
+        '<|im_start|>[{"name": "f"}]|4|é'
+    with pytest.raises(TemplateError, match="no messages"):
+        tok.apply_chat_template([])

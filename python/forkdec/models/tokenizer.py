@@ -5,6 +5,7 @@ rendered with jinja2 the way Hugging Face renders them.
 """
 from __future__ import annotations
 
+import datetime
 import json
 import os
 from typing import Any
@@ -55,16 +56,17 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """The conversation rendered with the model's chat template (jinja2, as transformers does)."""
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **variables: Any) -> str:
+        """The conversation rendered with the model's chat template (jinja2, as transformers does).
+        `variables` reach the template too (e.g. tools=..., for templates that use them)."""
         if self.chat_template is None:
             raise ValueError("messages: this model has no chat template")
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
             raise ValueError("messages: expected a list of {'role': ..., 'content': ...} dicts")
         if self._template is None:
             self._template = _compile_template(self.chat_template)
-        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                     bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        context = {"bos_token": self.bos_token or "", "eos_token": self.eos_token or "", **variables}
+        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, **context)
 
     def save(self, path: str) -> None:
         """Write tokenizer.json and tokenizer_config.json (with the chat template) into the
@@ -189,4 +191,5 @@ def _compile_template(source: str) -> Any:
                                         extensions=["jinja2.ext.loopcontrols"])
     env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
     env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)  # Llama 3.x templates
     return env.from_string(source)
