@@ -76,6 +76,7 @@ def run(argv: list[str] | None = None) -> int:
                            "decode attention": "stub (own token only): model cost without the engine's attention",
                            "prefill attention": "ContiguousAttention, forkdec.ops.attention cpu backend, causal",
                            "default dtype chosen": str(forkdec.models.default_dtype("cpu")),
+                           "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "unset (libgomp spins)"),
                            "load average (1, 5, 15 min) at the end": ", ".join(f"{x:.1f}" for x in os.getloadavg())})
     write_report(results_dir(args.out) / "model.md", "Model step: fp32 vs bf16 weights", facts, table)
     return 0
