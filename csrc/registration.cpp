@@ -35,4 +35,19 @@ TORCH_LIBRARY(forkdec, m) {
   // (semantics: docs/sampling.md). Each row_* tensor [R] replaces its scalar.
   m.def("sample(Tensor logits, Tensor uniforms, Tensor? row_ids, float temperature, Tensor? row_temperature, "
         "int top_k, Tensor? row_top_k, float top_p, Tensor? row_top_p, float min_p, Tensor? row_min_p) -> Tensor");
+
+  // Greedy verification of a ragged batch of draft trees (docs/speculative.md):
+  // target_logits [N + B, V], request b's rows start at tree_indptr[b] + b.
+  // Returns accepted_tokens [B, max_depth + 1], accepted_nodes [B, max_depth],
+  // num_accepted [B], bonus_token [B], all int32.
+  m.def("verify_tree_greedy(Tensor draft_tokens, Tensor parents, Tensor tree_indptr, Tensor target_logits, "
+        "int max_depth) -> (Tensor accepted_tokens, Tensor accepted_nodes, Tensor num_accepted, "
+        "Tensor bonus_token)");
+  // SpecInfer multi-step speculative sampling with the given float64 uniforms
+  // [N + B]. draft_probs uses the target's row layout when
+  // draft_rows_match_target, else request b's rows start at tree_indptr[b]
+  // (the [B, L, V] layout of a chain).
+  m.def("verify_tree_sampling(Tensor draft_tokens, Tensor parents, Tensor tree_indptr, Tensor draft_probs, "
+        "Tensor target_probs, Tensor uniforms, int max_depth, bool draft_rows_match_target) -> "
+        "(Tensor accepted_tokens, Tensor accepted_nodes, Tensor num_accepted, Tensor bonus_token)");
 }

@@ -1,5 +1,4 @@
-// torch.ops.forkdec speculative verification ops on CPU tensors: schemas
-// (a fragment until they move into registration.cpp), checks that keep the
+// torch.ops.forkdec speculative verification ops on CPU tensors: checks that keep the
 // kernels in bounds whatever the caller passes, and requests spread over
 // threads with at::parallel_for. The arithmetic lives in speculative.cpp.
 #include <ATen/ATen.h>
@@ -10,23 +9,6 @@
 #include <vector>
 
 #include "cpu/speculative.h"
-
-TORCH_LIBRARY_FRAGMENT(forkdec, m) {
-  // Greedy verification of a ragged batch of draft trees (docs/speculative.md):
-  // target_logits [N + B, V], request b's rows start at tree_indptr[b] + b.
-  // Returns accepted_tokens [B, max_depth + 1], accepted_nodes [B, max_depth],
-  // num_accepted [B], bonus_token [B], all int32.
-  m.def("verify_tree_greedy(Tensor draft_tokens, Tensor parents, Tensor tree_indptr, Tensor target_logits, "
-        "int max_depth) -> (Tensor accepted_tokens, Tensor accepted_nodes, Tensor num_accepted, "
-        "Tensor bonus_token)");
-  // SpecInfer multi-step speculative sampling with the given float64 uniforms
-  // [N + B]. draft_probs uses the target's row layout when
-  // draft_rows_match_target, else request b's rows start at tree_indptr[b]
-  // (the [B, L, V] layout of a chain).
-  m.def("verify_tree_sampling(Tensor draft_tokens, Tensor parents, Tensor tree_indptr, Tensor draft_probs, "
-        "Tensor target_probs, Tensor uniforms, int max_depth, bool draft_rows_match_target) -> "
-        "(Tensor accepted_tokens, Tensor accepted_nodes, Tensor num_accepted, Tensor bonus_token)");
-}
 
 namespace forkdec::cpu {
 namespace {
