@@ -3,12 +3,12 @@
 Ops live in `forkdec.ops` (torch ops in the `forkdec` namespace underneath);
 each takes `backend="auto" | "reference" | "cpu" | "triton" | "cuda"`.
 """
-from forkdec import ops
+from forkdec import ops, tree
 from forkdec.backends import BackendUnavailable, available_backends
 from forkdec.validation import set_validation, validation, validation_enabled
 
 __version__ = "0.1.0"
-__all__ = ["ops", "BackendUnavailable", "Engine", "SamplingParams", "available_backends", "set_validation",
+__all__ = ["ops", "tree", "BackendUnavailable", "Engine", "SamplingParams", "available_backends", "set_validation",
            "validation", "validation_enabled"]
 
 _ENGINE_EXPORTS = ("Engine", "SamplingParams", "Completion")
