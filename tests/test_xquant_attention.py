@@ -336,3 +336,12 @@ def test_triton_split_kv_matches_reference(splits):
                                                   backend="reference")
     torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(lse, want_lse, rtol=1e-4, atol=1e-4)
+
+
+@needs_cpu
+def test_cpu_bench_runs_quick(tmp_path):
+    """bench/xquant_attention.py --quick: the script runs end to end and writes its table."""
+    from forkdec.bench import xquant_attention as bench
+    assert bench.run(["--quick", "--rounds", "1", "--threads", "1", "--out", str(tmp_path)]) == 0
+    report = (tmp_path / "xquant_attention.md").read_text()
+    assert "raw X 4-bit ch64" in report and "latent 192+192 4-bit" in report
