@@ -345,3 +345,26 @@ def test_cpu_bench_runs_quick(tmp_path):
     assert bench.run(["--quick", "--rounds", "1", "--threads", "1", "--out", str(tmp_path)]) == 0
     report = (tmp_path / "xquant_attention.md").read_text()
     assert "raw X 4-bit ch64" in report and "latent 192+192 4-bit" in report
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_queries_that_see_no_key_get_zero_and_minus_inf(backend):
+    """Causal with more queries than keys: the first queries see nothing (out 0, lse -inf), the rest
+    match the reference."""
+    reason = unavailable_reason(backend, "xquant_attention", torch.device("cpu"))
+    if reason is not None:
+        pytest.skip(reason)
+    g = torch.Generator().manual_seed(5)
+    window = torch.randn(1, 16, W, generator=g)
+    q = torch.randn(5, HQ, D, generator=g)
+    wk, wv = torch.randn(W, HKV * D, generator=g) / 8, torch.randn(W, HKV * D, generator=g) / 8
+    cos, sin = _rope_tables(32, D)
+    args = (q, torch.tensor([0, 5], dtype=torch.int32), window, window, torch.tensor([0, 1], dtype=torch.int32),
+            torch.tensor([0], dtype=torch.int32), torch.tensor([3], dtype=torch.int32),
+            torch.tensor([2], dtype=torch.int32), wk, wv, cos, sin)
+    out, lse = forkdec.ops.xquant_attention(*args, causal=True, return_lse=True, backend=backend)
+    assert torch.equal(out[:2], torch.zeros_like(out[:2])) and bool((lse[:2] == -math.inf).all())
+    assert bool(torch.isfinite(lse[2:]).all())
+    want, want_lse = forkdec.ops.xquant_attention(*args, causal=True, return_lse=True, backend="reference")
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-4, atol=1e-4)
