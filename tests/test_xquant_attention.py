@@ -368,3 +368,20 @@ def test_queries_that_see_no_key_get_zero_and_minus_inf(backend):
     want, want_lse = forkdec.ops.xquant_attention(*args, causal=True, return_lse=True, backend="reference")
     torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(lse, want_lse, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(unavailable_reason("triton", "xquant_attention", torch.device("cpu")) is not None,
+                    reason=str(unavailable_reason("triton", "xquant_attention", torch.device("cpu"))))
+def test_triton_half_precision_dots_stay_close():
+    """The fp16 tensor-core path a GPU takes for fp16/bf16 q, forced here: within fp16 rounding."""
+    from forkdec.triton_kernels import xquant as kernels
+    xq, indptr, indices, last, start, wk, wv, g = _setup(4, "token", [50, 33])
+    qo_indptr = torch.tensor([0, 3, 4], dtype=torch.int32)
+    q = torch.randn(4, HQ, D, generator=g).to(torch.bfloat16)
+    cos, sin = _rope_tables(128, D)
+    out, lse = kernels.xquant_attention(q, qo_indptr, *page_args(xq), *page_args(xq), xq.page_size, indptr, indices,
+                                        last, start, wk, wv, None, None, cos, sin, False, None, 0.2, half_dot=True)
+    want, want_lse = forkdec.ops.xquant_attention(q, qo_indptr, xq, xq, indptr, indices, last, start, wk, wv, cos,
+                                                  sin, sm_scale=0.2, return_lse=True, backend="reference")
+    torch.testing.assert_close(out.float(), want.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-2, atol=1e-2)
