@@ -146,7 +146,8 @@ def run(argv: list[str] | None = None) -> int:
                          f"{flops / 1e9:.2f}", f"{flops / r['attn_flops']:.1f}x"])
             print(" | ".join(rows[-1]))
     torch.set_num_threads(default_threads)
-    table = markdown_table(["threads", "paths", "prompt", "own", "prompt cache", "V path", "step ms", "vs fp32 (target <= 2x)",
+    table = markdown_table(["threads", "paths", "prompt", "own", "prompt cache", "V path", "step ms",
+                            "vs fp32 (target <= 2x)",
                             "prompt level ms", "prompt vs fp32", "prompt cache MiB", "MiB saved vs fp32",
                             "GFLOP added", "added / attention FLOPs"], rows)
     body = ("## Shared-prompt decode step, one layer (SmolLM2: hidden 576, Hq 9, Hkv 3, D 64)\n\n" + table + "\n\n"
@@ -154,10 +155,11 @@ def run(argv: list[str] | None = None) -> int:
             "alone. Prompt cache bytes include the fp16 scale and zero of every group. 'GFLOP added' counts the "
             "rematerialization (X̂·wk, and X̂·wv or P·X̂v + the final wv) beyond attention over a ready cache; "
             "dequantization and RoPE are not counted. The fp32 path reads 16-token pages, XQuant 64-token pages "
-            "(channel groups span 64 tokens).")
+            "(channel groups span 64 tokens). When other jobs share the cores (see the load average above), "
+            "trust the 1-thread rows: oversubscribed worker threads distort the multi-thread ones.")
     print(body)
     facts = machine_facts({"forkdec CPU kernels": forkdec._extension.load().cpu_isa(),
-                           "timing": f"median of {args.rounds} interleaved rounds (other jobs shared the 2 cores: see load)", "q dtype": "fp32",
+                           "timing": f"median of {args.rounds} interleaved rounds", "q dtype": "fp32",
                            "validation": "off (forkdec.validation(False)), as in an engine's hot path",
                            "load average at the end (1/5/15 min)": " ".join(f"{v:.1f}" for v in os.getloadavg())})
     write_report(results_dir(args.out) / "xquant_attention.md", "XQuant attention on the CPU", facts, body)
