@@ -99,8 +99,9 @@ def roofline_markdown(peaks: dict = H100) -> str:
             f"point is {peaks['bf16_flops'] / peaks['bytes_per_s']:.0f} FLOP/byte (bf16 tensor cores): a variant "
             "whose 'FLOP added per byte saved' is above it trades cheap bytes for dearer FLOPs. For a GQA model "
             "raw X is wider than K/V per KV head (576 vs 192 for SmolLM2), so raw X rematerialization is far "
-            "above the ridge; the latent variant sits near it. The current Triton kernel multiplies in fp32 "
-            "(input_precision='ieee', for exactness tests), so its bound is the fp32 column, not bf16.")
+            "above the ridge; the latent variant sits near it. The Triton kernel multiplies fp16 operands on "
+            "tensor cores for fp16/bf16 q (the bf16 column's peak applies) and IEEE fp32 for fp32 q (the fp32 "
+            "column).")
 
 
 # ---------------------------------------------------------------------------
@@ -158,7 +159,7 @@ def implementations(device: torch.device) -> dict[str, Callable[[dict], object] 
         def f(c):
             xk, xv = (c["raw"], c["raw"]) if raw else (c["lat_k"], c["lat_v"])
             wk, wv = (c["wk"], c["wv"]) if raw else (c["uk"], c["uv"])
-            return forkdec.ops.xquant_attention(c["q"], c["qo"], xk, xv, c["indptr"], c["indices"], c["last"],
+            return forkdec.ops.xquant_attention(c["q"].to(torch.bfloat16), c["qo"], xk, xv, c["indptr"], c["indices"], c["last"],
                                                 c["start"], wk, wv, c["cos"], c["sin"], backend="triton")
         return f
 
@@ -215,7 +216,8 @@ def measure(model_names: list[str], out_dir: Optional[str]) -> int:
             + markdown_table(["model", "paths", "prompt", "implementation", "us", "note"], rows) + "\n\n"
             + roofline_markdown())
     facts = machine_facts({"gpu": f"{props.name}, {props.total_memory / 2**30:.0f} GiB",
-                           "timing": "triton.testing.do_bench, median"})
+                           "timing": "triton.testing.do_bench, median",
+                           "q dtype": "bf16 (fp16 tensor-core products in xquant, bf16 in attention)"})
     write_report(results_dir(out_dir) / "gpu_xquant.md", "XQuant attention on the GPU", facts, body)
     return 0
 

@@ -116,14 +116,19 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--out", help="results folder (default: bench/results in a checkout)")
     parser.add_argument("--quick", action="store_true", help="small sizes, to check the script runs")
+    parser.add_argument("--threads", default=f"{torch.get_num_threads()},1",
+                        help="comma-separated thread counts to run at (default: all threads, then 1)")
     args = parser.parse_args(argv)
     reason = forkdec.backends.unavailable_reason("cpu", "xquant_attention", torch.device("cpu"))
     if reason is not None:
         raise SystemExit(f"forkdec bench xquant-attention: the cpu backend is unavailable: {reason}")
     keep_freed_memory()
+    thread_counts = [int(n) for n in args.threads.split(",")]
+    default_threads = torch.get_num_threads()
     configs = [(4, 256, 16), (2, 128, 8)] if args.quick else [(64, 4096, 256), (8, 4096, 256)]
     rows = []
-    for paths, prompt, own in configs:
+    for threads, (paths, prompt, own) in [(n, c) for n in thread_counts for c in configs]:
+        torch.set_num_threads(threads)
         r = case(paths, prompt, own, args.rounds)
         t = r["t"]
         base, base_prompt = t["fp32 KV: cascade_attention"], t["fp32 KV: prompt level only"]
@@ -135,12 +140,14 @@ def run(argv: list[str] | None = None) -> int:
                  r["raw_flops"], mode),
                 ("latent 192+192 4-bit", "xquant latent 4-bit + own fp32", "xquant latent: prompt only",
                  r["latent_bytes"], r["latent_flops"], lmode)]:
-            rows.append([str(paths), str(prompt), str(own), name, m, f"{t[key] * 1e3:.2f}", f"{t[key] / base:.2f}x",
-                         f"{t[prompt_key] * 1e3:.2f}", f"{t[prompt_key] / base_prompt:.2f}x",
+            rows.append([str(threads), str(paths), str(prompt), str(own), name, m, f"{t[key] * 1e3:.2f}",
+                         f"{t[key] / base:.2f}x", f"{t[prompt_key] * 1e3:.2f}", f"{t[prompt_key] / base_prompt:.2f}x",
                          f"{nbytes / 2**20:.2f}", f"{(r['fp32_bytes'] - nbytes) / 2**20:.2f}",
                          f"{flops / 1e9:.2f}", f"{flops / r['attn_flops']:.1f}x"])
             print(" | ".join(rows[-1]))
-    table = markdown_table(["paths", "prompt", "own", "prompt cache", "V path", "step ms", "vs fp32 (target <= 2x)",
+    torch.set_num_threads(default_threads)
+    table = markdown_table(["threads", "paths", "prompt", "own", "prompt cache", "V path", "step ms",
+                            "vs fp32 (target <= 2x)",
                             "prompt level ms", "prompt vs fp32", "prompt cache MiB", "MiB saved vs fp32",
                             "GFLOP added", "added / attention FLOPs"], rows)
     body = ("## Shared-prompt decode step, one layer (SmolLM2: hidden 576, Hq 9, Hkv 3, D 64)\n\n" + table + "\n\n"
@@ -148,7 +155,8 @@ def run(argv: list[str] | None = None) -> int:
             "alone. Prompt cache bytes include the fp16 scale and zero of every group. 'GFLOP added' counts the "
             "rematerialization (X̂·wk, and X̂·wv or P·X̂v + the final wv) beyond attention over a ready cache; "
             "dequantization and RoPE are not counted. The fp32 path reads 16-token pages, XQuant 64-token pages "
-            "(channel groups span 64 tokens).")
+            "(channel groups span 64 tokens). When other jobs share the cores (see the load average above), "
+            "trust the 1-thread rows: oversubscribed worker threads distort the multi-thread ones.")
     print(body)
     facts = machine_facts({"forkdec CPU kernels": forkdec._extension.load().cpu_isa(),
                            "timing": f"median of {args.rounds} interleaved rounds", "q dtype": "fp32",

@@ -336,3 +336,52 @@ def test_triton_split_kv_matches_reference(splits):
                                                   backend="reference")
     torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(lse, want_lse, rtol=1e-4, atol=1e-4)
+
+
+@needs_cpu
+def test_cpu_bench_runs_quick(tmp_path):
+    """bench/xquant_attention.py --quick: the script runs end to end and writes its table."""
+    from forkdec.bench import xquant_attention as bench
+    assert bench.run(["--quick", "--rounds", "1", "--threads", "1", "--out", str(tmp_path)]) == 0
+    report = (tmp_path / "xquant_attention.md").read_text()
+    assert "raw X 4-bit ch64" in report and "latent 192+192 4-bit" in report
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_queries_that_see_no_key_get_zero_and_minus_inf(backend):
+    """Causal with more queries than keys: the first queries see nothing (out 0, lse -inf), the rest
+    match the reference."""
+    reason = unavailable_reason(backend, "xquant_attention", torch.device("cpu"))
+    if reason is not None:
+        pytest.skip(reason)
+    g = torch.Generator().manual_seed(5)
+    window = torch.randn(1, 16, W, generator=g)
+    q = torch.randn(5, HQ, D, generator=g)
+    wk, wv = torch.randn(W, HKV * D, generator=g) / 8, torch.randn(W, HKV * D, generator=g) / 8
+    cos, sin = _rope_tables(32, D)
+    args = (q, torch.tensor([0, 5], dtype=torch.int32), window, window, torch.tensor([0, 1], dtype=torch.int32),
+            torch.tensor([0], dtype=torch.int32), torch.tensor([3], dtype=torch.int32),
+            torch.tensor([2], dtype=torch.int32), wk, wv, cos, sin)
+    out, lse = forkdec.ops.xquant_attention(*args, causal=True, return_lse=True, backend=backend)
+    assert torch.equal(out[:2], torch.zeros_like(out[:2])) and bool((lse[:2] == -math.inf).all())
+    assert bool(torch.isfinite(lse[2:]).all())
+    want, want_lse = forkdec.ops.xquant_attention(*args, causal=True, return_lse=True, backend="reference")
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(unavailable_reason("triton", "xquant_attention", torch.device("cpu")) is not None,
+                    reason=str(unavailable_reason("triton", "xquant_attention", torch.device("cpu"))))
+def test_triton_half_precision_dots_stay_close():
+    """The fp16 tensor-core path a GPU takes for fp16/bf16 q, forced here: within fp16 rounding."""
+    from forkdec.triton_kernels import xquant as kernels
+    xq, indptr, indices, last, start, wk, wv, g = _setup(4, "token", [50, 33])
+    qo_indptr = torch.tensor([0, 3, 4], dtype=torch.int32)
+    q = torch.randn(4, HQ, D, generator=g).to(torch.bfloat16)
+    cos, sin = _rope_tables(128, D)
+    out, lse = kernels.xquant_attention(q, qo_indptr, *page_args(xq), *page_args(xq), xq.page_size, indptr, indices,
+                                        last, start, wk, wv, None, None, cos, sin, False, None, 0.2, half_dot=True)
+    want, want_lse = forkdec.ops.xquant_attention(q, qo_indptr, xq, xq, indptr, indices, last, start, wk, wv, cos,
+                                                  sin, sm_scale=0.2, return_lse=True, backend="reference")
+    torch.testing.assert_close(out.float(), want.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-2, atol=1e-2)

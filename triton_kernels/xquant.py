@@ -13,7 +13,9 @@ SmolLM2 KV head take 192 rows: three blocks of 64). Per tile of BLOCK_N keys
     column halves swapped and the first negated), so RoPE is K·cos + K'·sin,
   - V = X̂v·wv + bv (on a GPU the [BLOCK_M, Wv] P·X̂v accumulator the CPU kernel
     uses would not fit in registers for Wv = 576),
-  - S = Q K^T, masks, online softmax in base 2 and O += P V, all fp32.
+  - S = Q K^T, masks, online softmax in base 2 and O += P V, accumulated in
+    fp32; the products in IEEE fp32 for fp32 q (and always under the
+    interpreter, for exact tests), in fp16 on tensor cores for fp16/bf16 q on a GPU.
 When there are too few programs to fill the GPU (a few requests with long
 prompts: decode), each request's keys are split into chunks whose states are
 merged by LSE (triton_kernels/attention.py's merge_states).
@@ -44,7 +46,11 @@ BLOCK_N = 16
 
 
 @triton.jit
-def _dot(a, b):
+def _dot(a, b, HALF_DOT: tl.constexpr):
+    """a @ b with fp32 accumulation; HALF_DOT multiplies fp16 operands on tensor cores
+    (fp16, not bf16: 11 mantissa bits, and the interpreter multiplies fp16 correctly)."""
+    if HALF_DOT:
+        return tl.dot(a.to(tl.float16), b.to(tl.float16))
     return tl.dot(a, b, input_precision="ieee")
 
 
@@ -88,7 +94,7 @@ def _xquant_kernel(
         D: tl.constexpr, HAS_BK: tl.constexpr, HAS_BV: tl.constexpr, CAUSAL: tl.constexpr, MASK_MODE: tl.constexpr,
         K_QUANT: tl.constexpr, K_BITS: tl.constexpr, K_GS: tl.constexpr, K_CHANNEL: tl.constexpr,
         V_QUANT: tl.constexpr, V_BITS: tl.constexpr, V_GS: tl.constexpr, V_CHANNEL: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, HALF_DOT: tl.constexpr):
     b = tl.program_id(0)
     hk = tl.program_id(1)
     mb = tl.program_id(2) // num_splits
@@ -135,8 +141,8 @@ def _xquant_kernel(
             w_ok = (cols < wk_dim)[:, None]
             w = tl.load(wk_ptr + cols[:, None] * hd + hk * D + d[None, :], mask=w_ok, other=0.0)
             w_rot = tl.load(wk_ptr + cols[:, None] * hd + hk * D + d_rot[None, :], mask=w_ok, other=0.0) * sign[None, :]
-            k += _dot(x, w)
-            k_rot += _dot(x, w_rot)
+            k += _dot(x, w, HALF_DOT)
+            k_rot += _dot(x, w_rot, HALF_DOT)
         if HAS_BK:
             k += tl.load(bk_ptr + hk * D + d)[None, :]
             k_rot += tl.load(bk_ptr + hk * D + d_rot)[None, :] * sign[None, :]
@@ -151,11 +157,11 @@ def _xquant_kernel(
             x = _load_x(xv_ptr, xv_scale_ptr, xv_zero_ptr, page, tp, t_ok, cols, wv_dim, page_size, xv_sp, xv_st,
                         V_QUANT, V_BITS, V_GS, V_CHANNEL)
             w = tl.load(wv_ptr + cols[:, None] * hd + hk * D + d[None, :], mask=(cols < wv_dim)[:, None], other=0.0)
-            v += _dot(x, w)
+            v += _dot(x, w, HALF_DOT)
         if HAS_BV:
             v += tl.load(bv_ptr + hk * D + d)[None, :]
 
-        s = _dot(q, tl.trans(k))
+        s = _dot(q, tl.trans(k), HALF_DOT)
         visible = r_ok[:, None] & t_ok[None, :]
         if CAUSAL:
             visible = visible & (t[None, :] <= kv_len - qo_len + qi[:, None])
@@ -172,7 +178,7 @@ def _xquant_kernel(
         alpha = tl.where(m == float("-inf"), 0.0, tl.exp2(m - safe))
         p = tl.where(visible, tl.exp2(s - safe[:, None]), 0.0)
         l = l * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p, v)
+        acc = acc * alpha[:, None] + _dot(p, v, HALF_DOT)
         m = m_new
 
     seen = l > 0
@@ -211,9 +217,13 @@ def xquant_attention(q: Tensor, qo_indptr: Tensor, xk: Tensor, xk_scale: Tensor 
                      xv_width: int, page_size: int, kv_indptr: Tensor, kv_indices: Tensor, kv_last_page_len: Tensor,
                      kv_start_pos: Tensor, wk: Tensor, wv: Tensor, bk: Tensor | None, bv: Tensor | None,
                      rope_cos: Tensor, rope_sin: Tensor, causal: bool, custom_mask: Tensor | None,
-                     sm_scale: float, num_splits: int | None = None) -> tuple[Tensor, Tensor]:
+                     sm_scale: float, num_splits: int | None = None,
+                     half_dot: bool | None = None) -> tuple[Tensor, Tensor]:
     """Arguments of torch.ops.forkdec.xquant_attention (already validated by the face);
-    num_splits forces the number of KV chunks per request (tests)."""
+    num_splits forces the number of KV chunks per request (tests). half_dot: multiply in
+    fp16 (fp32 accumulation); default on a GPU for fp16/bf16 q, IEEE fp32 otherwise."""
+    if half_dot is None:
+        half_dot = q.device.type == "cuda" and q.dtype != torch.float32
     total_q, hq, d = q.shape
     hkv = wk.shape[1] // d
     group = hq // hkv
@@ -263,7 +273,7 @@ def xquant_attention(q: Tensor, qo_indptr: Tensor, xk: Tensor, xk_scale: Tensor 
         D=d, HAS_BK=bk is not None, HAS_BV=bv is not None, CAUSAL=bool(causal), MASK_MODE=mode,
         K_QUANT=xk_scale is not None, K_BITS=xk_bits, K_GS=max(xk_group_size, 1), K_CHANNEL=xk_axis == 1,
         V_QUANT=xv_scale is not None, V_BITS=xv_bits, V_GS=max(xv_group_size, 1), V_CHANNEL=xv_axis == 1,
-        BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_W=32)
+        BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_W=32, HALF_DOT=bool(half_dot))
     if splits > 1:
         from forkdec.triton_kernels.attention import merge_states
         out, lse = merge_states(o_buf, l_buf)
