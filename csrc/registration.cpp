@@ -50,4 +50,17 @@ TORCH_LIBRARY(forkdec, m) {
   m.def("verify_tree_sampling(Tensor draft_tokens, Tensor parents, Tensor tree_indptr, Tensor draft_probs, "
         "Tensor target_probs, Tensor uniforms, int max_depth, bool draft_rows_match_target) -> "
         "(Tensor accepted_tokens, Tensor accepted_nodes, Tensor num_accepted, Tensor bonus_token)");
+
+  // XQuant attention (docs/xquant.md): K = RoPE(X̂k·wk + bk), V = X̂v·wv + bv
+  // rematerialized from cached X pages. xk / xv: quantized pages (codes uint8
+  // [P, groups, group_size * bits / 8] with fp16 xk_scale / xk_zero [P, groups];
+  // axis 0 = token groups, 1 = channel groups) or, with scale and zero None,
+  // float pages [P, page_size, W]. Returns out [total_q, Hq, D] in q's dtype and
+  // lse [total_q, Hq] fp32.
+  m.def("xquant_attention(Tensor q, Tensor qo_indptr, Tensor xk, Tensor? xk_scale, Tensor? xk_zero, int xk_bits, "
+        "int xk_group_size, int xk_axis, int xk_width, Tensor xv, Tensor? xv_scale, Tensor? xv_zero, int xv_bits, "
+        "int xv_group_size, int xv_axis, int xv_width, int page_size, Tensor kv_indptr, Tensor kv_indices, "
+        "Tensor kv_last_page_len, Tensor kv_start_pos, Tensor wk, Tensor wv, Tensor? bk, Tensor? bv, "
+        "Tensor rope_cos, Tensor rope_sin, bool causal, Tensor? custom_mask, float sm_scale) "
+        "-> (Tensor out, Tensor lse)");
 }
