@@ -44,3 +44,11 @@ def test_gpu_attention_bench_plumbing_runs_on_cpu():
     from forkdec.bench import gpu_attention
 
     assert gpu_attention.main(["--dry-run"]) == 0
+
+
+def test_every_bench_area_imports_and_has_run():
+    import importlib
+
+    from forkdec.cli import BENCH_AREAS
+    for area, module in BENCH_AREAS.items():
+        assert callable(importlib.import_module(module).run), area

@@ -16,6 +16,11 @@ BENCH_AREAS: dict[str, str] = {
     "gpu-attention": "forkdec.bench.gpu_attention",
     "gpu-sampling": "forkdec.bench.gpu_sampling",
     "engine": "forkdec.bench.engine",
+    "model": "forkdec.bench.model",
+    "speculative-verify": "forkdec.bench.speculative_verify",
+    "gpu-speculative": "forkdec.bench.gpu_speculative",
+    "xquant-attention": "forkdec.bench.xquant_attention",
+    "gpu-xquant": "forkdec.bench.gpu_xquant",
 }
 
 

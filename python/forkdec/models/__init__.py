@@ -44,7 +44,7 @@ def default_dtype(device: torch.device | str = "cpu") -> torch.dtype:
     """bf16 on CPU with native bf16 matmuls (AVX-512 BF16/AMX) and on GPU; fp32 otherwise.
 
     On the project's CPU (AVX-512 BF16) bf16 made a 32-path decode step 3.6x and a 256-token
-    prefill 3.4x faster than fp32 on one thread (docs/models.md, `python -m forkdec.models.benchmark`).
+    prefill 3.4x faster than fp32 on one thread (docs/models.md, `forkdec bench model`).
     """
     device = torch.device(device)
     if device.type == "cuda":

@@ -1,6 +1,6 @@
 """Model step benchmark: fp32 vs bf16 weights on CPU, for choosing `default_dtype`.
 
-Run: python -m forkdec.models.benchmark [--rounds N] [--out DIR]
+Run: forkdec bench model [--rounds N] [--out DIR]
 Measures, on the embedded SmolLM2-135M (or --model), the time of
 - decode: one step of 32 paths (32 tokens, one per path, all 32 logits rows),
   with attention replaced by a stub (each query reads its own token's V) so the
@@ -31,7 +31,7 @@ def own_token_attend(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 
 def run(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m forkdec.models.benchmark", description=__doc__,
+    parser = argparse.ArgumentParser(prog="forkdec bench model", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="a .gguf file or HF directory (default: SmolLM2-135M)")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (median reported)")
