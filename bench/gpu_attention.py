@@ -30,6 +30,8 @@ import os
 from typing import Callable, Optional
 
 import torch
+
+from forkdec.bench.gpu_common import device_bandwidth
 import torch.nn.functional as F
 
 from forkdec import reference
@@ -325,10 +327,7 @@ def measure(cases: list[Case], dtype_name: str, out_dir: Optional[str]) -> int:
 
     device = torch.device("cuda")
     props = torch.cuda.get_device_properties(device)
-    src = torch.empty(2**28 // 4, dtype=torch.float32, device=device)  # 256 MiB
-    dst = torch.empty_like(src)
-    copy_gbs = 2 * src.numel() * 4 / (do_bench(lambda: dst.copy_(src), return_mode="median") * 1e-3) / 1e9
-    del src, dst
+    copy_gbs, _ = device_bandwidth(device)
     peak_gbs, peak_tflops = nominal_peaks(props.name, props.total_memory)
 
     rows = []

@@ -19,7 +19,8 @@ from typing import Callable, Optional
 
 import torch
 
-from forkdec.bench.gpu_softmax import nominal_peak_gbs
+from forkdec.bench.gpu_common import device_bandwidth
+
 from forkdec.bench.sampling import torch_sample
 
 SHAPES = [(64, 49152), (256, 151936)]
@@ -131,11 +132,7 @@ def measure(cases: list[tuple[tuple[int, int], str]], out_dir: Optional[str]) ->
 
     device = torch.device("cuda")
     props = torch.cuda.get_device_properties(device)
-    src = torch.empty(2**28 // 4, dtype=torch.float32, device=device)  # 256 MiB
-    dst = torch.empty_like(src)
-    copy_gbs = 2 * src.numel() * 4 / (do_bench(lambda: dst.copy_(src), return_mode="median") * 1e-3) / 1e9
-    del src, dst
-    peak = nominal_peak_gbs(props.name, props.total_memory)
+    copy_gbs, peak = device_bandwidth(device)
     impls = implementations(device)
 
     rows = []

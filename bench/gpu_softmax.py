@@ -18,22 +18,13 @@ from typing import Callable, Optional
 
 import torch
 
+from forkdec.bench.gpu_common import device_bandwidth
+
 SHAPES = [(64, 262144), (512, 49152), (4096, 4096)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TEMPERATURE = 1.0
 DRY_RUN_SHAPE = (3, 300)
-# Nominal memory bandwidth, GB/s: (substring of the device name, min memory GiB, GB/s).
-PEAK_GBS = [("H100 80GB HBM3", 0, 3350), ("H100 SXM", 0, 3350), ("A100", 60, 2039), ("A100", 0, 1555)]
-
 Impl = Callable[[torch.Tensor], torch.Tensor]
-
-
-def nominal_peak_gbs(name: str, memory_bytes: int) -> Optional[float]:
-    """The table's peak GB/s for a device name, or None if the device is not in it."""
-    for key, min_gib, gbs in PEAK_GBS:
-        if key in name and memory_bytes >= min_gib * 2**30:
-            return float(gbs)
-    return None
 
 
 def implementations(device: torch.device) -> dict[str, Impl | str]:
@@ -133,11 +124,7 @@ def measure(cases: list[tuple[tuple[int, int], str]], out_dir: Optional[str]) ->
 
     device = torch.device("cuda")
     props = torch.cuda.get_device_properties(device)
-    src = torch.empty(2**28 // 4, dtype=torch.float32, device=device)  # 256 MiB
-    dst = torch.empty_like(src)
-    copy_gbs = 2 * src.numel() * 4 / (do_bench(lambda: dst.copy_(src), return_mode="median") * 1e-3) / 1e9
-    del src, dst
-    peak = nominal_peak_gbs(props.name, props.total_memory)
+    copy_gbs, peak = device_bandwidth(device)
     impls = implementations(device)
 
     rows = []

@@ -21,7 +21,8 @@ from typing import Callable, Optional
 
 import torch
 
-from forkdec.bench.gpu_softmax import nominal_peak_gbs
+from forkdec.bench.gpu_common import device_bandwidth
+
 
 # (kind, requests, nodes or chain length, vocab)
 CASES = [("tree", 64, 64, 49152), ("tree", 256, 16, 128256), ("chain", 64, 4, 49152), ("chain", 256, 8, 128256)]
@@ -155,11 +156,7 @@ def measure(dtype_names: list[str], out_dir: Optional[str]) -> int:
 
     device = torch.device("cuda")
     props = torch.cuda.get_device_properties(device)
-    src = torch.empty(2**28 // 4, dtype=torch.float32, device=device)
-    dst = torch.empty_like(src)
-    copy_gbs = 2 * src.numel() * 4 / (do_bench(lambda: dst.copy_(src), return_mode="median") * 1e-3) / 1e9
-    del src, dst
-    peak = nominal_peak_gbs(props.name, props.total_memory)
+    copy_gbs, peak = device_bandwidth(device)
     rows = []
     for dtype_name in dtype_names:
         for case in CASES:

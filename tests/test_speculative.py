@@ -4,7 +4,6 @@ input. Backends agree exactly with the reference (tests/specs/speculative.py),
 so the statistical tests run on the fastest backend available here."""
 from __future__ import annotations
 
-import itertools
 
 import pytest
 import torch

@@ -130,7 +130,6 @@ def build_tree(parents: Tensor, tree_indptr: Tensor, *, prefix_lens: Tensor | No
     device = parents.device
     n, batch = parents.numel(), tree_indptr.numel() - 1
     depth = node_depths(parents, tree_indptr)
-    counts = (tree_indptr[1:] - tree_indptr[:-1]).long()
     tree_depth = torch.zeros(batch, dtype=torch.int64, device=device)
     tree_depth.scatter_reduce_(0, request_of(tree_indptr, n), depth, "amax")
     max_depth = int(depth.max()) if n else 0

@@ -12,7 +12,6 @@ every backend consumes the same uniforms and returns the same tokens.
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
