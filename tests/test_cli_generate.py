@@ -80,6 +80,13 @@ def test_too_many_new_tokens_for_the_context_exits_2(tiny, capsys):
     assert len(err) == 1 and "max_new_tokens" in err[0]
 
 
+@needs_ext
+def test_kv_budget_too_small_exits_2_naming_the_option(tiny, capsys):
+    assert main(["generate", "hi", "--max-kv-bytes", "100000", "--max-new-tokens", "200"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "max-kv-bytes" in err[0], err
+
+
 def test_bench_engine_is_registered():
     from forkdec.cli import BENCH_AREAS
 

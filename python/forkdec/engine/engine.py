@@ -192,7 +192,7 @@ class _Run:
         for s in self.states:
             if s.waiting == 0:
                 continue
-            if not s.prefilled and s not in new_prompts:
+            if not s.prefilled:
                 prompt_pages = -(-len(s.token_ids) // ps)
                 if not self.alloc.reserve(prompt_pages + self.path_pages):
                     break
