@@ -180,14 +180,18 @@ class _Run:
     # ---- loop -----------------------------------------------------------------------------------
     def loop(self) -> None:
         while True:
-            self.admit()
-            if not self.running:
+            admitted = self.admit()
+            if self.running:
+                self.step()
+            elif not any(s.waiting for s in self.states):
                 break
-            self.step()
+            elif not admitted:  # cannot happen: the budget check holds one path of every prompt
+                raise RuntimeError("engine: paths are waiting but none can be admitted")
         assert all(None not in s.results for s in self.states) and self.alloc.num_used == 0
 
-    def admit(self) -> None:
-        """Start waiting paths in prompt order while their pages fit (first come, first served)."""
+    def admit(self) -> int:
+        """Start waiting paths in prompt order while their pages fit (first come, first served);
+        returns how many started. (New paths may finish at once, on their first token.)"""
         ps, new_prompts, new_paths = self.e.page_size, [], []
         for s in self.states:
             if s.waiting == 0:
@@ -209,6 +213,7 @@ class _Run:
             self.prefill(new_prompts)
         if new_paths:
             self.first_tokens(new_paths)
+        return len(new_paths)
 
     def prefill(self, prompts: list[PromptState]) -> None:
         t = time.perf_counter()
