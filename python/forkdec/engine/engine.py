@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 import forkdec.ops as ops
-from forkdec.engine.attend import make_attend
+from forkdec.engine.attend import make_attend, pick_backend
 from forkdec.engine.completion import Completion, GenerateStats
 from forkdec.engine.kv_cache import PagedKVCache
 from forkdec.engine.metadata import decode_batch, prefill_batch
@@ -175,6 +175,7 @@ class _Run:
         self.running: list[PathState] = []
         self.stats = GenerateStats(prompt_tokens=[len(s.token_ids) for s in states],
                                    kv_bytes_per_token=engine.page_bytes // ps)
+        self.backend = pick_backend(self.cache.k.device)
         self.t0 = time.perf_counter()
 
     # ---- loop -----------------------------------------------------------------------------------
@@ -218,7 +219,7 @@ class _Run:
     def prefill(self, prompts: list[PromptState]) -> None:
         t = time.perf_counter()
         batch = prefill_batch(prompts, self.e.page_size)
-        attend = make_attend(batch, self.cache, prefill=True)
+        attend = make_attend(batch, self.cache, prefill=True, backend=self.backend)
         logits = self.e.model.forward(batch.tokens, batch.positions, attend, logits_rows=batch.logits_rows)
         for s, row in zip(prompts, logits.float()):
             s.last_logits = row
@@ -240,7 +241,7 @@ class _Run:
         t = time.perf_counter()
         batch = decode_batch(self.running, self.alloc, self.e.page_size)
         self.note_memory()
-        attend = make_attend(batch, self.cache, prefill=False)
+        attend = make_attend(batch, self.cache, prefill=False, backend=self.backend)
         logits = self.e.model.forward(batch.tokens, batch.positions, attend)
         self.stats.decode_steps += 1
         self.stats.max_batch = max(self.stats.max_batch, len(self.running))
