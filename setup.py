@@ -51,7 +51,7 @@ setup(
     # A range that an installed torch satisfies installs nothing more: a CUDA torch stays.
     install_requires=["torch>=2.4", "numpy", "gguf>=0.10", "tokenizers>=0.19", "jinja2", "safetensors"],
     extras_require={
-        "test": ["pytest", "triton", "matplotlib", "transformers>=4.46", "accelerate"],
+        "test": ["pytest", "triton", "matplotlib", "transformers>=5", "accelerate"],
         "bench": ["matplotlib"],
     },
     entry_points={"console_scripts": ["forkdec=forkdec.cli:main"]},

@@ -1,17 +1,18 @@
-"""Load a llama-architecture GGUF file (llama.cpp's format) into LlamaModel.
+"""Load a llama- or qwen2-architecture GGUF file (llama.cpp's format) into LlamaModel.
 
-Tensors are dequantized with the `gguf` package (Q4_1, Q8_0, F16, F32 and
-whatever else it can dequantize) to fp32, then cast to the model dtype.
+Metadata and the tensor table are read by `gguf_file.GGUFFile`; tensors are
+dequantized with the `gguf` package (Q4_1, Q8_0, F16, F32 and whatever else it
+can dequantize) to fp32, then cast to the model dtype.
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
 import torch
 
 from forkdec.models.config import ModelConfig
+from forkdec.models.gguf_file import GGUFFile
 from forkdec.models.llama import LlamaModel
 
 # GGUF tensor name -> Hugging Face name (per block: "blk.{i}." -> "model.layers.{i}.").
@@ -27,32 +28,18 @@ _BLOCK = {"attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 
 
-def open_gguf(path: str) -> Any:
-    """A gguf.GGUFReader over `path`; a missing, truncated or corrupt file raises ValueError naming it."""
-    import gguf
-
-    if not os.path.isfile(path):
-        raise ValueError(f"model: no such file {path!r}")
-    try:
-        reader = gguf.GGUFReader(path, "r")
-        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
-    except Exception as e:  # the reader raises ValueError, IndexError, struct errors... on bad bytes
-        raise ValueError(f"model: {path!r} is not a readable GGUF file ({type(e).__name__}: {e})") from e
-    size = os.path.getsize(path)
-    if end > size:
-        raise ValueError(f"model: {path!r} is truncated: its tensors need {end} bytes, the file has {size}")
-    return reader
+def open_gguf(path: str) -> GGUFFile:
+    """The metadata and tensor table of the GGUF file `path`; a missing, truncated or
+    corrupt file raises ValueError naming it."""
+    return GGUFFile(path)
 
 
-def field(reader: Any, key: str, default: Any = None) -> Any:
+def field(reader: GGUFFile, key: str, default: Any = None) -> Any:
     """A metadata value as a Python scalar, str or list; `default` if absent."""
-    f = reader.fields.get(key)
-    if f is None:
-        return default
-    return f.contents()
+    return reader.field(key, default)
 
 
-def read_config(reader: Any, path: str) -> ModelConfig:
+def read_config(reader: GGUFFile, path: str) -> ModelConfig:
     arch = field(reader, "general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"model: architecture {arch!r} in {path!r} is not supported "
@@ -65,11 +52,20 @@ def read_config(reader: Any, path: str) -> ModelConfig:
         return value
 
     names = {t.name for t in reader.tensors}
-    tokens = field(reader, "tokenizer.ggml.tokens")
-    embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
-    vocab = int(field(reader, f"{arch}.vocab_size", int(embd.shape[1])))
+    embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embd is None:
+        raise ValueError(f"model: {path!r} has no token_embd.weight tensor")
+    vocab = int(field(reader, f"{arch}.vocab_size", embd.shape[0]))
     hidden = int(meta("embedding_length"))
     heads = int(meta("attention.head_count"))
+    head_dim = int(meta("attention.key_length", hidden // heads))
+    # Refuse what the model would compute wrong rather than load it silently.
+    if int(meta("rope.dimension_count", head_dim)) != head_dim:
+        raise ValueError(f"model: {path!r} rotates {meta('rope.dimension_count')} of {head_dim} head dims "
+                         "(partial RoPE is not supported)")
+    if "rope_freqs.weight" in names:
+        raise ValueError(f"model: {path!r} has per-frequency RoPE factors (rope_freqs.weight, Llama 3.1 style), "
+                         "which are not supported; load the Hugging Face checkpoint instead")
     scaling = None
     kind = field(reader, f"{arch}.rope.scaling.type")
     if kind not in (None, "none"):
@@ -77,16 +73,16 @@ def read_config(reader: Any, path: str) -> ModelConfig:
         orig = field(reader, f"{arch}.rope.scaling.original_context_length")
         if orig is not None:
             scaling["original_max_position_embeddings"] = int(orig)
-    eos = [int(field(reader, "tokenizer.ggml.eos_token_id"))] if field(reader, "tokenizer.ggml.eos_token_id") is not None else []
-    eot = field(reader, "tokenizer.ggml.eot_token_id")
-    if eot is not None and int(eot) not in eos:
-        eos.append(int(eot))
-    del tokens
+    eos: list[int] = []
+    for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"):
+        value = field(reader, key)
+        if value is not None and int(value) not in eos:
+            eos.append(int(value))
     return ModelConfig(
         architecture=arch, vocab_size=vocab, hidden_size=hidden,
         intermediate_size=int(meta("feed_forward_length")), num_layers=int(meta("block_count")),
         num_heads=heads, num_kv_heads=int(meta("attention.head_count_kv", heads)),
-        head_dim=int(meta("attention.key_length", hidden // heads)),
+        head_dim=head_dim,
         rope_theta=float(meta("rope.freq_base", 10000.0)), rope_scaling=scaling,
         rms_norm_eps=float(meta("attention.layer_norm_rms_epsilon", 1e-5)),
         tie_word_embeddings="output.weight" not in names,
@@ -102,8 +98,9 @@ def _unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def read_weights(reader: Any, config: ModelConfig, path: str) -> dict[str, torch.Tensor]:
+def read_weights(reader: GGUFFile, config: ModelConfig, path: str) -> dict[str, torch.Tensor]:
     """Every tensor dequantized to fp32, under its Hugging Face name, q/k rows un-permuted."""
+    from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
     out: dict[str, torch.Tensor] = {}
@@ -116,11 +113,14 @@ def read_weights(reader: Any, config: ModelConfig, path: str) -> dict[str, torch
         if name is None:
             continue  # e.g. rope_freqs: derived from the config instead
         try:
-            array = dequantize(t.data, t.tensor_type)
-        except Exception as e:
-            raise ValueError(f"model: cannot dequantize {t.name} ({t.tensor_type.name}) in {path!r}: {e}") from e
-        w = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).reshape(
-            tuple(int(n) for n in reversed(t.shape)))
+            kind = GGMLQuantizationType(t.ggml_type)
+            array = dequantize(reader.tensor_data(t), kind)
+        except Exception as e:  # NotImplementedError for types gguf cannot dequantize
+            raise ValueError(f"model: cannot dequantize {t.name} (ggml type {t.ggml_type}) in {path!r}: {e}") from e
+        array = np.ascontiguousarray(array, dtype=np.float32)
+        if not array.flags.writeable:  # F32 tensors come back as views of the read-only map
+            array = array.copy()
+        w = torch.from_numpy(array).reshape(t.shape)
         # Only llama's converter permutes q/k; qwen2's keeps the Hugging Face layout.
         if config.architecture == "llama" and ".attn_q." in t.name:
             w = _unpermute(w, config.num_heads)
@@ -130,10 +130,11 @@ def read_weights(reader: Any, config: ModelConfig, path: str) -> dict[str, torch
     return out
 
 
-def load_gguf(path: str, dtype: torch.dtype = torch.float32,
-              device: torch.device | str = "cpu") -> LlamaModel:
-    """LlamaModel with the weights of the GGUF file at `path`, in `dtype`."""
-    reader = open_gguf(path)
+def load_gguf(path: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+              reader: GGUFFile | None = None) -> LlamaModel:
+    """LlamaModel with the weights of the GGUF file at `path`, in `dtype`.
+    `reader`: an `open_gguf(path)` already made (the tokenizer reads the same one)."""
+    reader = open_gguf(path) if reader is None else reader
     config = read_config(reader, path)
     model = LlamaModel(config, dtype=dtype, device=device)
     model.load_weights(read_weights(reader, config, path))

@@ -28,6 +28,15 @@ def read_hf_config(path: str) -> ModelConfig:
         raise ValueError(f"model: architecture {archs or cfg.get('model_type')!r} in {path!r} is not supported "
                          f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
     arch = SUPPORTED_ARCHITECTURES[known[0]]
+    # Variants the model does not implement: refuse rather than load them wrong.
+    if cfg.get("mlp_bias"):
+        raise ValueError(f"model: {known[0]} with mlp_bias=True in {path!r} is not supported")
+    if arch == "llama" and cfg.get("attention_bias"):
+        raise ValueError(f"model: {known[0]} with attention_bias=True (an o_proj bias) in {path!r} is not supported")
+    if cfg.get("use_sliding_window"):
+        raise ValueError(f"model: {known[0]} with use_sliding_window=True in {path!r} is not supported")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"model: {known[0]} with hidden_act={cfg['hidden_act']!r} in {path!r} is not supported")
     heads = int(cfg["num_attention_heads"])
     eos = cfg.get("eos_token_id")
     eos = [] if eos is None else [int(e) for e in (eos if isinstance(eos, list) else [eos])]
@@ -51,7 +60,7 @@ def read_hf_config(path: str) -> ModelConfig:
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
         bos_token_id=cfg.get("bos_token_id"), eos_token_ids=eos,
-        attention_bias=bool(cfg.get("attention_bias", arch == "qwen2")))
+        attention_bias=arch == "qwen2")  # Qwen2 always has q/k/v biases
 
 
 def read_safetensors(path: str) -> dict[str, torch.Tensor]:

@@ -78,6 +78,10 @@ class LlamaModel(nn.Module):
     @torch.no_grad()
     def forward(self, tokens: Tensor, positions: Tensor, attend: Attend,
                 logits_rows: Tensor | None = None) -> Tensor:
+        """tokens [T] and positions [T] (integer; positions are RoPE positions, any order),
+        attend (see the class), logits_rows [R] integer row indices into T or None for all
+        rows -> fp32 logits [R or T, vocab_size]. Bad input raises ValueError naming it
+        (skipped under forkdec.validation(False))."""
         cfg = self.config
         if validation_enabled():
             self._validate(tokens, positions, logits_rows)
@@ -88,10 +92,11 @@ class LlamaModel(nn.Module):
         for i, layer in enumerate(self.layers):
             h = _rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
             qkv = F.linear(h, layer.qkv, layer.qkv_bias)
-            q, k, v = qkv.split((hq * d, hkv * d, hkv * d), dim=-1)
-            q = _rotate(q.view(t, hq, d), cos, sin)
-            k = _rotate(k.view(t, hkv, d), cos, sin)
-            out = attend(i, q, k, v.reshape(t, hkv, d))
+            # q and k heads rotate together: one RoPE over [T, Hq + Hkv, D]
+            qk = _rotate(qkv[:, : (hq + hkv) * d].view(t, hq + hkv, d), cos, sin)
+            q, k = qk.split((hq, hkv), dim=1)
+            v = qkv[:, (hq + hkv) * d:].reshape(t, hkv, d)
+            out = attend(i, q.contiguous(), k.contiguous(), v.contiguous())
             x = x + F.linear(out.reshape(t, hq * d), layer.o)
             h = _rms_norm(x, layer.ffn_norm, cfg.rms_norm_eps)
             gate, up = F.linear(h, layer.gate_up).chunk(2, dim=-1)
@@ -104,7 +109,8 @@ class LlamaModel(nn.Module):
     def _rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         # Angles in fp32 (positions up to 2^24 are exact), then cos/sin in the model dtype:
         # computed once per forward and shared by every layer.
-        angles = positions.to(device=self.device, dtype=torch.float32)[:, None] * self.inv_freq[None, :]
+        inv_freq = self.inv_freq.float()  # stays fp32 even after a model.to(bfloat16)
+        angles = positions.to(device=self.device, dtype=torch.float32)[:, None] * inv_freq[None, :]
         return angles.cos().to(self.dtype)[:, None, :], angles.sin().to(self.dtype)[:, None, :]
 
     def _validate(self, tokens: Tensor, positions: Tensor, logits_rows: Tensor | None) -> None:

@@ -5,6 +5,7 @@ rendered with jinja2 the way Hugging Face renders them.
 """
 from __future__ import annotations
 
+import datetime
 import json
 import os
 from typing import Any
@@ -55,27 +56,41 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """The conversation rendered with the model's chat template (jinja2, as transformers does)."""
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **variables: Any) -> str:
+        """The conversation rendered with the model's chat template (jinja2, as transformers does).
+        `variables` reach the template too (e.g. tools=..., for templates that use them)."""
         if self.chat_template is None:
             raise ValueError("messages: this model has no chat template")
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
             raise ValueError("messages: expected a list of {'role': ..., 'content': ...} dicts")
         if self._template is None:
             self._template = _compile_template(self.chat_template)
-        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                     bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        context = {"bos_token": self.bos_token or "", "eos_token": self.eos_token or "", **variables}
+        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, **context)
+
+    def save(self, path: str) -> None:
+        """Write tokenizer.json and tokenizer_config.json (with the chat template) into the
+        directory `path`, readable by `from_hf_dir` and by transformers' AutoTokenizer."""
+        os.makedirs(path, exist_ok=True)
+        self._tok.save(os.path.join(path, "tokenizer.json"))
+        cfg = {"bos_token": self.bos_token, "eos_token": self.eos_token, "chat_template": self.chat_template,
+               "add_bos_token": False, "tokenizer_class": "PreTrainedTokenizerFast"}
+        with open(os.path.join(path, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+            json.dump({k: v for k, v in cfg.items() if v is not None}, f, ensure_ascii=False, indent=1)
 
     # ---- construction ----
 
     @classmethod
     def from_gguf(cls, reader: Any) -> "Tokenizer":
-        """From a gguf.GGUFReader's `tokenizer.ggml.*` metadata (GPT-2 byte-level BPE)."""
+        """From a GGUF file's `tokenizer.ggml.*` metadata (GPT-2 byte-level BPE).
+        `reader`: a path or an already opened `gguf_loader.open_gguf(path)`."""
         from tokenizers import AddedToken, decoders, models, pre_tokenizers
         from tokenizers import Tokenizer as Backend
 
-        from forkdec.models.gguf_loader import field
+        from forkdec.models.gguf_loader import field, open_gguf
 
+        if isinstance(reader, (str, os.PathLike)):
+            reader = open_gguf(os.fspath(reader))
         kind = field(reader, "tokenizer.ggml.model")
         if kind != "gpt2":
             raise ValueError(f"model: tokenizer type {kind!r} is not supported (only GPT-2 byte-level BPE, 'gpt2')")
@@ -126,13 +141,29 @@ class Tokenizer:
                    bos_token=bos_token, eos_token=eos_token)
 
 
+# Split patterns of the pre-tokenizers llama.cpp names in `tokenizer.ggml.pre` (the
+# patterns of the models' own tokenizer.json files). Llama 3 groups digits by three,
+# Qwen2 isolates each digit; both then map bytes without GPT-2's pattern.
+_LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+           r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+          r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_SPLITS = {"llama3": _LLAMA3, "llama-v3": _LLAMA3, "llama-bpe": _LLAMA3, "smaug-bpe": _LLAMA3,
+           "falcon3": _LLAMA3, "dbrx": _LLAMA3, "qwen2": _QWEN2, "deepseek-r1-qwen": _QWEN2}
+# GPT-2's pattern after splitting every digit alone (SmolLM's and StarCoder's tokenizer.json).
+_DIGITS_THEN_GPT2 = ("smollm", "starcoder", "refact")
+
+
 def _pre_tokenizer(pre: str | None, pre_tokenizers: Any) -> Any:
+    from tokenizers import Regex
+
+    if pre in _SPLITS:
+        return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_SPLITS[pre]), behavior="isolated"),
+                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    # llama.cpp's "smollm" (and "starcoder", "refact") pre-tokenizers split digits one by one,
-    # as the models' own tokenizer.json files do.
-    if pre in ("smollm", "starcoder", "refact"):
+    if pre in _DIGITS_THEN_GPT2:
         return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-    return byte_level
+    return byte_level  # "gpt2", "default" and names this table does not know: GPT-2's pattern
 
 
 def _token_text(token: Any) -> str | None:
@@ -160,4 +191,5 @@ def _compile_template(source: str) -> Any:
                                         extensions=["jinja2.ext.loopcontrols"])
     env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
     env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)  # Llama 3.x templates
     return env.from_string(source)
