@@ -80,6 +80,13 @@ def test_too_many_new_tokens_for_the_context_exits_2(tiny, capsys):
     assert len(err) == 1 and "max_new_tokens" in err[0]
 
 
+@needs_ext
+def test_kv_budget_too_small_exits_2_naming_the_option(tiny, capsys):
+    assert main(["generate", "hi", "--max-kv-bytes", "100000", "--max-new-tokens", "200"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "max-kv-bytes" in err[0], err
+
+
 def test_bench_engine_is_registered():
     from forkdec.cli import BENCH_AREAS
 
@@ -97,3 +104,20 @@ def test_real_default_model_end_to_end(tmp_path):
     r = json.loads(out.read_text())
     assert len(r["paths"]) == 3 and all(1 <= len(p["token_ids"]) <= 6 for p in r["paths"])
     assert r["stats"]["kv_bytes_prompt"] > 0 and "answer:" in run.stdout
+
+
+def test_progress_bar_draws_one_line_and_ends_it():
+    import io
+
+    from forkdec.engine import Progress, ProgressBar
+
+    s = io.StringIO()
+    bar = ProgressBar(s, force=True, interval=0.0)
+    bar(Progress(1, 4, 3, 10, 2.0, 5, 20))
+    bar(Progress(4, 4, 0, 40, 4.0, 0, 20))
+    bar.close()
+    text = s.getvalue()
+    assert text.count("\r") == 2 and text.endswith("\n") and "4/4 paths" in text and "10.0 tok/s" in text
+    quiet = io.StringIO()
+    ProgressBar(quiet)(Progress(1, 4, 3, 10, 2.0, 5, 20))  # not a terminal: draws nothing
+    assert quiet.getvalue() == ""

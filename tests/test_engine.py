@@ -108,6 +108,15 @@ def test_budget_refuses_a_path_that_cannot_fit_and_queues_the_rest():
     assert tight.cache.num_pages == 8 and tight.cache.allocator.num_used == 0
 
 
+def test_paths_that_end_on_their_first_token_let_waiting_paths_in():
+    eng = engine(eos_bias=100.0)  # every first token is EOS
+    eng = Engine(eng.model, tokenizer=ByteTokenizer(), kv_budget_bytes=(2 + 2 * 3) * eng.page_bytes)
+    out = eng.generate(PROMPTS[0], n=5, params=SamplingParams(temperature=1.0, max_new_tokens=40, seed=0),
+                       chat=False)[0]
+    assert [c.token_ids for c in out] == [[EOS]] * 5 and {c.finish_reason for c in out} == {"stop"}
+    assert [c.text for c in out] == [""] * 5 and eng.cache.allocator.num_used == 0
+
+
 def test_seeded_runs_reproduce_and_seeds_differ():
     params = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, max_new_tokens=16, seed=7)
     a = engine().generate(PROMPTS[:2], n=4, params=params, chat=False)

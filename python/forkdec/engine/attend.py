@@ -9,17 +9,27 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
 from torch import Tensor
 
 import forkdec.ops as ops
+from forkdec.backends import resolve
 from forkdec.engine.kv_cache import PagedKVCache
 from forkdec.engine.metadata import StepBatch
+from forkdec.ops.attention import BACKENDS
 from forkdec.validation import validation, validation_enabled
 
 Attend = Callable[[int, Tensor, Tensor, Tensor], Tensor]
 
 
-def make_attend(batch: StepBatch, cache: PagedKVCache, *, prefill: bool) -> Attend:
+def pick_backend(device: torch.device) -> str:
+    """The attention backend for the whole run, resolved once: resolving "auto" on
+    every call probes installed packages, which costs ~0.2 ms x 2 ops x layers per step."""
+    names = {resolve("auto", op, device, BACKENDS) for op in ("append_kv", "attention", "cascade_attention")}
+    return names.pop() if len(names) == 1 else "auto"
+
+
+def make_attend(batch: StepBatch, cache: PagedKVCache, *, prefill: bool, backend: str = "auto") -> Attend:
     check = [validation_enabled()]  # cleared after the first layer
     plan = None
     if not prefill and hasattr(ops, "CascadePlan"):
@@ -30,14 +40,14 @@ def make_attend(batch: StepBatch, cache: PagedKVCache, *, prefill: bool) -> Atte
         k_cache, v_cache = cache.layer(layer)
         with validation(check[0]):
             check[0] = False
-            ops.append_kv(k_cache, v_cache, k.to(k_cache.dtype), v.to(v_cache.dtype), batch.slots)
+            ops.append_kv(k_cache, v_cache, k.to(k_cache.dtype), v.to(v_cache.dtype), batch.slots, backend=backend)
             q = q.to(k_cache.dtype)
             if prefill:
                 lv = batch.levels[0]
                 return ops.attention(q, lv.qo_indptr, k_cache, v_cache, lv.kv_indptr, lv.kv_indices,
-                                     lv.kv_last_page_len, causal=True)
+                                     lv.kv_last_page_len, causal=True, backend=backend)
             if plan is not None:
                 return plan.run(q, k_cache, v_cache)
-            return ops.cascade_attention(q, k_cache, v_cache, batch.levels)
+            return ops.cascade_attention(q, k_cache, v_cache, batch.levels, backend=backend)
 
     return attend

@@ -90,13 +90,15 @@ def run(argv: list[str]) -> int:
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                             max_new_tokens=args.max_new_tokens, stop=tuple(args.stop), seed=args.seed)
     model, tokenizer = load(args.model, DTYPES.get(args.dtype))
-    engine = Engine(model, tokenizer=tokenizer, kv_budget_bytes=args.max_kv_bytes)
     k = args.first_k or max(1, args.n // 4)
     early = strategies.first_finish_stopper(k) if args.vote == "first-finish" else None
     bar = ProgressBar(sys.stderr, force=False) if not args.no_progress else None
     try:
+        engine = Engine(model, tokenizer=tokenizer, kv_budget_bytes=args.max_kv_bytes)
         paths = engine.generate(args.prompt, args.n, params, chat=not args.raw, progress=bar,
                                 early_stop=early)[0]
+    except ValueError as e:  # name the option the user typed
+        raise ValueError(str(e).replace("kv_budget_bytes:", "max-kv-bytes:", 1)) from None
     finally:
         if bar is not None:
             bar.close()

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 import forkdec.ops as ops
-from forkdec.engine.attend import make_attend
+from forkdec.engine.attend import make_attend, pick_backend
 from forkdec.engine.completion import Completion, GenerateStats
 from forkdec.engine.kv_cache import PagedKVCache
 from forkdec.engine.metadata import decode_batch, prefill_batch
@@ -175,24 +175,29 @@ class _Run:
         self.running: list[PathState] = []
         self.stats = GenerateStats(prompt_tokens=[len(s.token_ids) for s in states],
                                    kv_bytes_per_token=engine.page_bytes // ps)
+        self.backend = pick_backend(self.cache.k.device)
         self.t0 = time.perf_counter()
 
     # ---- loop -----------------------------------------------------------------------------------
     def loop(self) -> None:
         while True:
-            self.admit()
-            if not self.running:
+            admitted = self.admit()
+            if self.running:
+                self.step()
+            elif not any(s.waiting for s in self.states):
                 break
-            self.step()
+            elif not admitted:  # cannot happen: the budget check holds one path of every prompt
+                raise RuntimeError("engine: paths are waiting but none can be admitted")
         assert all(None not in s.results for s in self.states) and self.alloc.num_used == 0
 
-    def admit(self) -> None:
-        """Start waiting paths in prompt order while their pages fit (first come, first served)."""
+    def admit(self) -> int:
+        """Start waiting paths in prompt order while their pages fit (first come, first served);
+        returns how many started. (New paths may finish at once, on their first token.)"""
         ps, new_prompts, new_paths = self.e.page_size, [], []
         for s in self.states:
             if s.waiting == 0:
                 continue
-            if not s.prefilled and s not in new_prompts:
+            if not s.prefilled:
                 prompt_pages = -(-len(s.token_ids) // ps)
                 if not self.alloc.reserve(prompt_pages + self.path_pages):
                     break
@@ -209,11 +214,12 @@ class _Run:
             self.prefill(new_prompts)
         if new_paths:
             self.first_tokens(new_paths)
+        return len(new_paths)
 
     def prefill(self, prompts: list[PromptState]) -> None:
         t = time.perf_counter()
         batch = prefill_batch(prompts, self.e.page_size)
-        attend = make_attend(batch, self.cache, prefill=True)
+        attend = make_attend(batch, self.cache, prefill=True, backend=self.backend)
         logits = self.e.model.forward(batch.tokens, batch.positions, attend, logits_rows=batch.logits_rows)
         for s, row in zip(prompts, logits.float()):
             s.last_logits = row
@@ -235,7 +241,7 @@ class _Run:
         t = time.perf_counter()
         batch = decode_batch(self.running, self.alloc, self.e.page_size)
         self.note_memory()
-        attend = make_attend(batch, self.cache, prefill=False)
+        attend = make_attend(batch, self.cache, prefill=False, backend=self.backend)
         logits = self.e.model.forward(batch.tokens, batch.positions, attend)
         self.stats.decode_steps += 1
         self.stats.max_batch = max(self.stats.max_batch, len(self.running))

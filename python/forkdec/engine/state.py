@@ -8,7 +8,7 @@ from torch import Tensor
 from forkdec.engine.completion import Completion
 
 
-@dataclass
+@dataclass(eq=False)  # identity, never field-wise (fields hold tensors)
 class PromptState:
     """A prompt: its tokens live once in `pages` (the last page may be partial
     and is never written after prefill: paths write into their own pages)."""
@@ -36,7 +36,7 @@ class PromptState:
         return self.prefilled and self.waiting == 0 and self.running == 0
 
 
-@dataclass
+@dataclass(eq=False)
 class PathState:
     """One path: generated tokens; the K/V of all but the last of them live in `pages`."""
     prompt: PromptState
