@@ -10,7 +10,6 @@ import torch
 
 import forkdec
 from forkdec.engine import Engine, PageAllocator, SamplingParams
-from forkdec.engine.sampler_fallback import sample as fallback_sample
 from forkdec.strategies import first_finish_stopper
 from engine_fixtures import EOS, ByteTokenizer, TinyLlama, greedy_no_cache
 
@@ -187,45 +186,6 @@ def test_page_allocator_reservations():
     a.free(pages)
     a.release(2)
     assert a.num_used == 0 and a.num_available == 5
-
-
-# ---- the PyTorch fallback sampler (deleted once forkdec.ops.sample lands) ----
-
-def _tv(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    return 0.5 * float((counts / counts.sum() - probs).abs().sum())
-
-
-@pytest.mark.parametrize("kw,expected", [
-    (dict(), [0.1, 0.2, 0.3, 0.4, 0.0]),
-    (dict(top_k=2), [0, 0, 3 / 7, 4 / 7, 0]),
-    (dict(top_p=0.6), [0, 0, 3 / 7, 4 / 7, 0]),       # 0.4 + 0.3 reaches 0.6
-    (dict(min_p=0.6), [0, 0, 3 / 7, 4 / 7, 0]),       # keep p >= 0.24
-    (dict(top_k=3, top_p=0.5), [0, 0, 3 / 7, 4 / 7, 0]),  # top-3 renormalized: 4/9 < 0.5
-])
-def test_fallback_sampler_distribution(kw, expected):
-    # 40k draws: the total-variation distance of 5 categories has sd ~ 0.003; 0.015 is > 4 sd.
-    probs = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.0])
-    logits = probs.log().unsqueeze(0)
-    g = torch.Generator().manual_seed(0)
-    draws = fallback_sample(logits, row_ids=torch.zeros(40000, dtype=torch.int64), generator=g, **kw)
-    counts = torch.bincount(draws, minlength=5).float()
-    assert _tv(counts, torch.tensor(expected)) < 0.015
-    assert counts[4] == 0
-
-
-def test_fallback_sampler_greedy_and_temperature():
-    logits = torch.tensor([[1.0, 3.0, 3.0, 0.0], [5.0, 1.0, 0.0, 0.0]])
-    assert fallback_sample(logits, temperature=0).tolist() == [1, 0]
-    g = torch.Generator().manual_seed(1)
-    draws = fallback_sample(logits[1:], temperature=2.0, row_ids=torch.zeros(40000, dtype=torch.int64), generator=g)
-    expect = torch.softmax(logits[1] / 2, 0)
-    assert _tv(torch.bincount(draws, minlength=4).float(), expect) < 0.015
-    with pytest.raises(ValueError, match="^logits:"):
-        fallback_sample(torch.tensor([[float("nan"), 1.0]]))
-    with pytest.raises(ValueError, match="^row_ids:"):
-        fallback_sample(logits, row_ids=torch.tensor([2]))
-
-
 # ---- the real default model, once forkdec.models is in this tree ----
 
 def _real_model_missing() -> str | None:

@@ -2,8 +2,8 @@
 
 It writes the new tokens' K/V into the paged cache (append_kv) and runs
 attention with the step's metadata. The metadata is validated once per step
-(in the first layer, by the ops' own checks, or by CascadePlan when this tree
-has it); every other layer runs with validation off.
+(in the first layer by append_kv and attention's own checks; for decode by
+CascadePlan, once per step); every other layer runs with validation off.
 """
 from __future__ import annotations
 
@@ -31,10 +31,8 @@ def pick_backend(device: torch.device) -> str:
 
 def make_attend(batch: StepBatch, cache: PagedKVCache, *, prefill: bool, backend: str = "auto") -> Attend:
     check = [validation_enabled()]  # cleared after the first layer
-    plan = None
-    if not prefill and hasattr(ops, "CascadePlan"):
-        plan = ops.CascadePlan(batch.levels, num_pages=cache.num_pages, page_size=cache.page_size,
-                               total_q=int(batch.tokens.numel()))
+    plan = None if prefill else ops.CascadePlan(batch.levels, num_pages=cache.num_pages, page_size=cache.page_size,
+                                                total_q=int(batch.tokens.numel()), backend=backend)
 
     def attend(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         k_cache, v_cache = cache.layer(layer)
@@ -46,8 +44,6 @@ def make_attend(batch: StepBatch, cache: PagedKVCache, *, prefill: bool, backend
                 lv = batch.levels[0]
                 return ops.attention(q, lv.qo_indptr, k_cache, v_cache, lv.kv_indptr, lv.kv_indices,
                                      lv.kv_last_page_len, causal=True, backend=backend)
-            if plan is not None:
-                return plan.run(q, k_cache, v_cache)
-            return ops.cascade_attention(q, k_cache, v_cache, batch.levels, backend=backend)
+            return plan.run(q, k_cache, v_cache)
 
     return attend

@@ -30,13 +30,6 @@ from forkdec.validation import require
 EarlyStop = Callable[[int, list[Completion]], bool]
 
 
-def _sampler() -> Callable[..., Tensor]:
-    if hasattr(ops, "sample"):
-        return ops.sample
-    from forkdec.engine.sampler_fallback import sample
-    return sample
-
-
 def default_kv_budget() -> int:
     """Half the memory available now (Linux), else 2 GiB."""
     try:
@@ -166,7 +159,7 @@ class _Run:
         self.cache = engine._cache_for(min(need, engine.max_pages))
         self.alloc = self.cache.allocator
         self.stop = StopChecker(params, engine.eos_ids(), engine.tokenizer)
-        self.sample = _sampler()
+        self.sample = ops.sample
         self.generator = torch.Generator()
         if params.seed is not None:
             self.generator.manual_seed(params.seed)
