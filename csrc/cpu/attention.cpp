@@ -21,6 +21,7 @@
 #ifndef FORKDEC_ATTENTION_KERNEL_PASS
 
 #include "cpu/attention.h"
+#include "cpu/scalar_types.h"
 
 #include <algorithm>
 #include <atomic>
@@ -57,32 +58,6 @@ constexpr float kExp2Poly[6] = {0x1.000002p+0f, 0x1.62e428p-1f, 0x1.ebf918p-3f,
 constexpr int64_t kWordKeys = 16;
 // Stands in for the K row of a padding key (any element type: all bits zero).
 alignas(64) inline constexpr float kZeroRow[256] = {};
-
-struct Half { uint16_t bits; };
-struct BFloat { uint16_t bits; };
-
-inline float bits_to_float(uint32_t bits) {
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-inline uint32_t float_to_bits(float f) {
-  uint32_t bits;
-  std::memcpy(&bits, &f, sizeof bits);
-  return bits;
-}
-
-inline float to_float(float v) { return v; }
-inline float to_float(BFloat v) { return bits_to_float(uint32_t{v.bits} << 16); }
-inline float to_float(Half v) {
-  const uint32_t sign = uint32_t{v.bits & 0x8000u} << 16;
-  const uint32_t exponent = (v.bits >> 10) & 0x1f;
-  const uint32_t mantissa = v.bits & 0x3ff;
-  if (exponent == 0x1f) return bits_to_float(sign | 0x7f800000u | (mantissa << 13));
-  if (exponent != 0) return bits_to_float(sign | ((exponent + 112) << 23) | (mantissa << 13));
-  const float magnitude = static_cast<float>(mantissa) * 0x1p-24f;  // subnormal (or zero): exact
-  return sign ? -magnitude : magnitude;
-}
 
 // Round to nearest even, as torch's .to(torch.bfloat16).
 inline BFloat to_bf16(float f) {

@@ -19,6 +19,7 @@
 // Every path computes exp with the same operations (an FMA polynomial), so the
 // scalar, AVX2 and AVX-512 paths return identical tokens.
 #include "cpu/sampling.h"
+#include "cpu/scalar_types.h"
 
 #include <algorithm>
 #include <cmath>
@@ -64,29 +65,6 @@ constexpr float kExpFloor = -87.0f;
 // Weights per block of the inverse-CDF walk.
 constexpr int64_t kBlock = 64;
 
-struct Half { uint16_t bits; };
-struct BFloat { uint16_t bits; };
-
-float from_bits(uint32_t b) {
-  float f;
-  std::memcpy(&f, &b, sizeof f);
-  return f;
-}
-
-inline float to_float(float v) { return v; }
-inline float to_float(BFloat v) { return from_bits(uint32_t{v.bits} << 16); }
-inline float to_float(Half v) {
-  const uint32_t sign = uint32_t{v.bits & 0x8000u} << 16;
-  const int exponent = (v.bits >> 10) & 0x1f;
-  const uint32_t mantissa = v.bits & 0x3ffu;
-  if (exponent == 0x1f) return from_bits(sign | 0x7f800000u | (mantissa << 13));
-  if (exponent == 0) {
-    const float m = std::ldexp(static_cast<float>(mantissa), -24);
-    return sign ? -m : m;
-  }
-  return from_bits(sign | (static_cast<uint32_t>(exponent + 112) << 23) | (mantissa << 13));
-}
-
 // The scaled logit of the sampling semantics: x / t, with -0 made +0 so that
 // ties compare as ties. divide = false for greedy (t = 0: raw order).
 inline float scale(float x, float t, bool divide) { return (divide ? x / t : x) + 0.0f; }
@@ -99,7 +77,7 @@ inline float exp_nonpositive(float x) {
   r = std::fma(-n, kLn2Lo, r);
   float p = kExpC[6];
   for (int k = 5; k >= 0; --k) p = std::fma(p, r, kExpC[k]);
-  return p * from_bits(static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23);
+  return p * bits_to_float(static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23);
 }
 
 // ---- top-k: streaming threshold selection ----------------------------------------------

@@ -8,6 +8,7 @@
 // a = +inf or NaN give n = +inf or NaN, which make the row's sum unusable and
 // the row NaN, as in torch.softmax.
 #include "cpu/softmax.h"
+#include "cpu/scalar_types.h"
 
 #include <algorithm>
 #include <atomic>
@@ -56,31 +57,6 @@ constexpr float kShiftedMin = -110.0f;
 // Rows are summed in pieces of this many elements, then the pieces are added:
 // fewer roundings into one accumulator (accuracy on long rows).
 constexpr int64_t kSumPiece = 2048;
-
-struct Half { uint16_t bits; };
-struct BFloat { uint16_t bits; };
-
-float bits_to_float(uint32_t bits) {
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
-inline float to_float(float v) { return v; }
-inline float to_float(BFloat v) { return bits_to_float(uint32_t{v.bits} << 16); }
-inline float to_float(Half v) {
-  const int exponent = (v.bits >> 10) & 0x1f;
-  const int mantissa = v.bits & 0x3ff;
-  float magnitude;
-  if (exponent == 0x1f) {
-    magnitude = mantissa ? kNaN : kInf;
-  } else if (exponent == 0) {
-    magnitude = std::ldexp(static_cast<float>(mantissa), -24);
-  } else {
-    magnitude = std::ldexp(static_cast<float>(mantissa | 0x400), exponent - 25);
-  }
-  return (v.bits & 0x8000) ? -magnitude : magnitude;
-}
 
 // m * 2^d for d <= 0, exact down to full underflow; d = -inf gives 0, NaN gives NaN.
 float scale_pow2(float m, float d) {

@@ -9,6 +9,7 @@
 #ifndef FORKDEC_XQUANT_KERNEL_PASS
 
 #include "cpu/xquant.h"
+#include "cpu/scalar_types.h"
 
 #include <algorithm>
 #include <atomic>
@@ -28,30 +29,6 @@ constexpr double kLn2 = 0.693147180559945309417;
 // Keys per tile: pages are grouped until a tile holds this many keys (a page
 // larger than this is one tile), so GEMMs stay large on small pages.
 constexpr int64_t kTileKeys = 64;
-
-inline float half_to_float(uint16_t h) {
-  const uint32_t sign = uint32_t{h & 0x8000u} << 16;
-  const uint32_t exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff;
-  uint32_t bits;
-  if (exponent == 0x1f) {
-    bits = sign | 0x7f800000u | (mantissa << 13);
-  } else if (exponent != 0) {
-    bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
-  } else {
-    const float magnitude = static_cast<float>(mantissa) * 0x1p-24f;  // subnormal or zero: exact
-    return sign ? -magnitude : magnitude;
-  }
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
-inline float bf16_to_float(uint16_t b) {
-  const uint32_t bits = uint32_t{b} << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
 
 // count codes of `bits` bits from a little-endian bit stream (count % 8 == 0).
 inline void unpack(const uint8_t* src, int bits, int64_t count, uint8_t* out) {
@@ -92,9 +69,9 @@ inline void dequantize_page(const XPagesView& x, int64_t page_size, int64_t page
       } else {
         const uint16_t* h = reinterpret_cast<const uint16_t*>(row);
         if (x.dtype == DType::f16) {
-          for (int64_t c = 0; c < w; ++c) d[c] = half_to_float(h[c]);
+          for (int64_t c = 0; c < w; ++c) d[c] = to_float(Half{h[c]});
         } else {
-          for (int64_t c = 0; c < w; ++c) d[c] = bf16_to_float(h[c]);
+          for (int64_t c = 0; c < w; ++c) d[c] = to_float(BFloat{h[c]});
         }
       }
     }
@@ -111,7 +88,7 @@ inline void dequantize_page(const XPagesView& x, int64_t page_size, int64_t page
       for (int64_t j = 0; j < per_token; ++j) {
         const int64_t g = t * per_token + j;
         unpack(codes + g * group_bytes, x.bits, gs, q);
-        const float s = half_to_float(scale[g]), z = half_to_float(zero[g]);
+        const float s = to_float(Half{scale[g]}), z = to_float(Half{zero[g]});
         float* d = dst + t * w + j * gs;
         for (int64_t e = 0; e < gs; ++e) d[e] = static_cast<float>(q[e]) * s + z;
       }
@@ -130,7 +107,7 @@ inline void dequantize_page(const XPagesView& x, int64_t page_size, int64_t page
       for (int64_t cc = 0; cc < cn; ++cc) {
         const int64_t g = block * w + c0 + cc;
         unpack(codes + g * group_bytes, x.bits, gs, q);
-        const float s = half_to_float(scale[g]), z = half_to_float(zero[g]);
+        const float s = to_float(Half{scale[g]}), z = to_float(Half{zero[g]});
         float* row = tile + cc * gs;
         for (int64_t e = 0; e < n; ++e) row[e] = static_cast<float>(q[e]) * s + z;
       }
