@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from typing import Sequence
@@ -23,8 +24,16 @@ class BackendUnavailable(RuntimeError):
     """The requested backend cannot run this op here; the message says why."""
 
 
+@functools.cache
 def _has_kernel(op: str, dispatch_key: str) -> bool:
+    # Asked only after the extension loaded, whose registrations never change afterwards.
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"forkdec::{op}", dispatch_key)
+
+
+@functools.cache
+def _triton_installed() -> bool:
+    # find_spec walks sys.path on every call; the answer does not change within a process.
+    return importlib.util.find_spec("triton") is not None
 
 
 def unavailable_reason(backend: str, op: str, device: torch.device) -> str | None:
@@ -40,7 +49,7 @@ def unavailable_reason(backend: str, op: str, device: torch.device) -> str | Non
             return f"forkdec._C has no CPU kernel for {op}"
         return None
     if backend == "triton":
-        if importlib.util.find_spec("triton") is None:
+        if not _triton_installed():
             return "triton is not installed (pip install triton)"
         if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             return "triton needs a CUDA device, or TRITON_INTERPRET=1 for CPU tensors"
