@@ -1,6 +1,7 @@
 """What every GPU microbenchmark shares: the device's nominal and measured memory bandwidth."""
 from __future__ import annotations
 
+import argparse
 from typing import Optional
 
 import torch
@@ -26,3 +27,35 @@ def device_bandwidth(device: torch.device) -> tuple[float, Optional[float]]:
     dst = torch.empty_like(src)
     copy_gbs = 2 * src.numel() * 4 / (do_bench(lambda: dst.copy_(src), return_mode="median") * 1e-3) / 1e9
     return copy_gbs, nominal_peak_gbs(props.name, props.total_memory)
+
+
+def parse_shape_cases(prog: str, doc: str | None, shapes: list[tuple[int, int]], dtypes: dict,
+                      argv: Optional[list[str]]) -> tuple[list[tuple[tuple[int, int], str]], argparse.Namespace]:
+    """The command line of a [rows, cols] x dtype GPU benchmark: (cases, args with .out and .dry_run)."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default=",".join(f"{r}x{c}" for r, c in shapes),
+                        help="comma-separated ROWSxCOLS shapes")
+    parser.add_argument("--dtypes", default=",".join(dtypes), help=f"comma-separated, of {', '.join(dtypes)}")
+    parser.add_argument("--out", help="results folder (default: bench/results in a checkout)")
+    parser.add_argument("--dry-run", action="store_true", help="no GPU: check the plumbing on a tiny CPU input")
+    args = parser.parse_args(argv)
+    parsed = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    dtype_names = args.dtypes.split(",")
+    unknown = [d for d in dtype_names if d not in dtypes]
+    if unknown:
+        parser.error(f"--dtypes: unknown {', '.join(unknown)}; expected {', '.join(dtypes)}")
+    return [(shape, d) for d in dtype_names for shape in parsed], args
+
+
+def gpu_facts(device: torch.device, copy_gbs: float, peak: Optional[float], extra: dict[str, str]) -> dict[str, str]:
+    """The machine facts every GPU report states, then the benchmark's own."""
+    from forkdec.bench.common import machine_facts
+
+    props = torch.cuda.get_device_properties(device)
+    return machine_facts({
+        "gpu": f"{props.name}, {props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs",
+        "torch CUDA": str(torch.version.cuda),
+        "copy bandwidth (measured)": f"{copy_gbs:.0f} GB/s (256 MiB device-to-device copy_, 1 read + 1 write)",
+        "nominal peak": f"{peak:.0f} GB/s" if peak else "device not in the table (see 'of copy')",
+        **extra,
+    })

@@ -12,14 +12,13 @@ each token lies in the support of forkdec.reference.filtered_probs.
 """
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import os
 from typing import Callable, Optional
 
 import torch
 
-from forkdec.bench.gpu_common import device_bandwidth
+from forkdec.bench.gpu_common import device_bandwidth, gpu_facts, parse_shape_cases
 
 from forkdec.bench.sampling import torch_sample
 
@@ -104,20 +103,7 @@ def dry_run(cases: list[tuple[tuple[int, int], str]]) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m forkdec.bench.gpu_sampling", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", default=",".join(f"{r}x{c}" for r, c in SHAPES),
-                        help="comma-separated ROWSxVOCAB shapes")
-    parser.add_argument("--dtypes", default=",".join(DTYPES), help=f"comma-separated, of {', '.join(DTYPES)}")
-    parser.add_argument("--out", help="results folder (default: bench/results in a checkout)")
-    parser.add_argument("--dry-run", action="store_true", help="no GPU: check the plumbing on a tiny CPU input")
-    args = parser.parse_args(argv)
-    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-    dtype_names = args.dtypes.split(",")
-    unknown = [d for d in dtype_names if d not in DTYPES]
-    if unknown:
-        parser.error(f"--dtypes: unknown {', '.join(unknown)}; expected {', '.join(DTYPES)}")
-    cases = [(shape, d) for d in dtype_names for shape in shapes]
+    cases, args = parse_shape_cases("forkdec bench gpu-sampling", __doc__, SHAPES, DTYPES, argv)
     if args.dry_run:
         return dry_run(cases)
     if not torch.cuda.is_available():
@@ -128,10 +114,9 @@ def main(argv: Optional[list[str]] = None) -> int:
 def measure(cases: list[tuple[tuple[int, int], str]], out_dir: Optional[str]) -> int:
     from triton.testing import do_bench
 
-    from forkdec.bench.common import machine_facts, markdown_table, results_dir, write_report
+    from forkdec.bench.common import markdown_table, results_dir, write_report
 
     device = torch.device("cuda")
-    props = torch.cuda.get_device_properties(device)
     copy_gbs, peak = device_bandwidth(device)
     impls = implementations(device)
 
@@ -160,11 +145,7 @@ def measure(cases: list[tuple[tuple[int, int], str]], out_dir: Optional[str]) ->
     header = ["shape", "dtype", "implementation", "ms", "GB/s", "of copy", "of peak", "off-support tokens", "note"]
     table = markdown_table(header, rows)
     print(table)
-    facts = machine_facts({
-        "gpu": f"{props.name}, {props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs",
-        "torch CUDA": str(torch.version.cuda),
-        "copy bandwidth (measured)": f"{copy_gbs:.0f} GB/s (256 MiB device-to-device copy_, 1 read + 1 write)",
-        "nominal peak": f"{peak:.0f} GB/s" if peak else "device not in the table (see 'of copy')",
+    facts = gpu_facts(device, copy_gbs, peak, {
         "settings": f"temperature {TEMPERATURE}, top_k {TOP_K}, top_p {TOP_P}",
         "timing": "triton.testing.do_bench, median ms",
         "GB/s": "one read of the logits",

@@ -11,14 +11,13 @@ CPU input to check the plumbing.
 """
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import os
 from typing import Callable, Optional
 
 import torch
 
-from forkdec.bench.gpu_common import device_bandwidth
+from forkdec.bench.gpu_common import device_bandwidth, gpu_facts, parse_shape_cases
 
 SHAPES = [(64, 262144), (512, 49152), (4096, 4096)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -96,20 +95,7 @@ def dry_run(cases: list[tuple[tuple[int, int], str]]) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m forkdec.bench.gpu_softmax", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", default=",".join(f"{r}x{c}" for r, c in SHAPES),
-                        help="comma-separated ROWSxCOLS shapes")
-    parser.add_argument("--dtypes", default=",".join(DTYPES), help=f"comma-separated, of {', '.join(DTYPES)}")
-    parser.add_argument("--out", help="results folder (default: bench/results in a checkout)")
-    parser.add_argument("--dry-run", action="store_true", help="no GPU: check the plumbing on a tiny CPU input")
-    args = parser.parse_args(argv)
-    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-    dtype_names = args.dtypes.split(",")
-    unknown = [d for d in dtype_names if d not in DTYPES]
-    if unknown:
-        parser.error(f"--dtypes: unknown {', '.join(unknown)}; expected {', '.join(DTYPES)}")
-    cases = [(shape, d) for d in dtype_names for shape in shapes]
+    cases, args = parse_shape_cases("forkdec bench gpu-softmax", __doc__, SHAPES, DTYPES, argv)
     if args.dry_run:
         return dry_run(cases)
     if not torch.cuda.is_available():
@@ -120,10 +106,9 @@ def main(argv: Optional[list[str]] = None) -> int:
 def measure(cases: list[tuple[tuple[int, int], str]], out_dir: Optional[str]) -> int:
     from triton.testing import do_bench
 
-    from forkdec.bench.common import machine_facts, markdown_table, results_dir, write_report
+    from forkdec.bench.common import markdown_table, results_dir, write_report
 
     device = torch.device("cuda")
-    props = torch.cuda.get_device_properties(device)
     copy_gbs, peak = device_bandwidth(device)
     impls = implementations(device)
 
@@ -152,11 +137,7 @@ def measure(cases: list[tuple[tuple[int, int], str]], out_dir: Optional[str]) ->
     header = ["shape", "dtype", "implementation", "ms", "GB/s", "of copy", "of peak", "max abs err", "note"]
     table = markdown_table(header, rows)
     print(table)
-    facts = machine_facts({
-        "gpu": f"{props.name}, {props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs",
-        "torch CUDA": str(torch.version.cuda),
-        "copy bandwidth (measured)": f"{copy_gbs:.0f} GB/s (256 MiB device-to-device copy_, 1 read + 1 write)",
-        "nominal peak": f"{peak:.0f} GB/s" if peak else "device not in the table (see 'of copy')",
+    facts = gpu_facts(device, copy_gbs, peak, {
         "timing": "triton.testing.do_bench, median ms; outputs allocated per call (caching allocator)",
         "GB/s": "2 reads of x + 1 fp32 write; temperature 1.0 passed to every implementation",
     })

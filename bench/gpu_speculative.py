@@ -21,7 +21,7 @@ from typing import Callable, Optional
 
 import torch
 
-from forkdec.bench.gpu_common import device_bandwidth
+from forkdec.bench.gpu_common import device_bandwidth, gpu_facts
 
 
 # (kind, requests, nodes or chain length, vocab)
@@ -152,10 +152,9 @@ def main(argv: Optional[list[str]] = None) -> int:
 def measure(dtype_names: list[str], out_dir: Optional[str]) -> int:
     from triton.testing import do_bench
 
-    from forkdec.bench.common import machine_facts, markdown_table, results_dir, write_report
+    from forkdec.bench.common import markdown_table, results_dir, write_report
 
     device = torch.device("cuda")
-    props = torch.cuda.get_device_properties(device)
     copy_gbs, peak = device_bandwidth(device)
     rows = []
     for dtype_name in dtype_names:
@@ -182,11 +181,7 @@ def measure(dtype_names: list[str], out_dir: Optional[str]) -> int:
               "note"]
     table = markdown_table(header, rows)
     print(table)
-    facts = machine_facts({
-        "gpu": f"{props.name}, {props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs",
-        "torch CUDA": str(torch.version.cuda),
-        "copy bandwidth (measured)": f"{copy_gbs:.0f} GB/s (256 MiB device-to-device copy_, 1 read + 1 write)",
-        "nominal peak": f"{peak:.0f} GB/s" if peak else "device not in the table (see 'of copy')",
+    facts = gpu_facts(device, copy_gbs, peak, {
         "timing": "triton.testing.do_bench, median ms",
         "GB/s": "one read of draft_probs + target_probs; FlashInfer draws its own uniforms (different draws)",
     })
