@@ -8,6 +8,7 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu/op_checks.h"
 #include "cpu/speculative.h"
 
 namespace forkdec::cpu {
@@ -15,13 +16,7 @@ namespace {
 
 using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-at::Tensor int32_vector(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), "forkdec::", op, ": ", name, " must be a CPU tensor");
-  TORCH_CHECK(t.dim() == 1, "forkdec::", op, ": ", name, " must be 1-D, got shape ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, "forkdec::", op, ": ", name,
-              " must be int32 (or int64)");
-  return t.to(at::kInt).contiguous();
-}
+using checks::int32_vector;
 
 // The trees and everything read through them: indptr starts at 0, never
 // decreases and ends at N; parents[i] in [-1, i); tokens in [0, V); the

@@ -11,50 +11,20 @@
 
 #include <cmath>
 #include <cstdint>
-#include <limits>
 #include <optional>
 #include <string>
 #include <tuple>
 
+#include "cpu/op_checks.h"
 #include "cpu/xquant.h"
 
 namespace forkdec::cpu {
 namespace {
 
+using namespace checks;
+
+constexpr const char* kName = "xquant_attention";  // for the shared checks, which prefix "forkdec::"
 constexpr const char* kOp = "forkdec::xquant_attention";
-
-void check_cpu(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.defined(), kOp, ": ", name, " is undefined");
-  TORCH_CHECK(t.device().is_cpu(), kOp, " (CPU): ", name, " must be a CPU tensor, got ", t.device());
-}
-
-bool is_float_type(at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16; }
-
-// A 1-D int32/int64 tensor as contiguous int32 (values must fit).
-at::Tensor int32_vector(const at::Tensor& t, const char* name) {
-  check_cpu(t, name);
-  TORCH_CHECK(t.dim() == 1, kOp, ": ", name, " must be 1-D, got shape ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, kOp, ": ", name,
-              " must be int32 (or int64), got ", t.scalar_type());
-  if (t.scalar_type() == at::kLong && t.numel() > 0) {
-    const auto lo = t.min().item<int64_t>(), hi = t.max().item<int64_t>();
-    TORCH_CHECK(lo >= std::numeric_limits<int32_t>::min() && hi <= std::numeric_limits<int32_t>::max(), kOp, ": ",
-                name, " has values that do not fit in int32");
-  }
-  return t.to(at::kInt).contiguous();
-}
-
-void check_indptr(const at::Tensor& t, int64_t length, int64_t end, const char* name) {
-  TORCH_CHECK(t.numel() >= 1 && (length < 0 || t.numel() == length), kOp, ": ", name, " must have ",
-              length < 0 ? std::string("at least one") : std::to_string(length), " entries, got ", t.numel());
-  const int32_t* p = t.data_ptr<int32_t>();
-  TORCH_CHECK(p[0] == 0, kOp, ": ", name, " must start at 0, got ", p[0]);
-  for (int64_t i = 1; i < t.numel(); ++i) {
-    TORCH_CHECK(p[i] >= p[i - 1], kOp, ": ", name, " must be non-decreasing (entry ", i, ")");
-  }
-  TORCH_CHECK(p[t.numel() - 1] <= end, kOp, ": ", name, " ends at ", p[t.numel() - 1], ", past the ", end,
-              " entries it indexes");
-}
 
 // One X store, checked; the view points into `keep`.
 struct CheckedPages {
@@ -65,7 +35,7 @@ struct CheckedPages {
 CheckedPages check_pages(const at::Tensor& x, const std::optional<at::Tensor>& scale,
                          const std::optional<at::Tensor>& zero, int64_t bits, int64_t group_size, int64_t axis,
                          int64_t width, int64_t page_size, const std::string& name) {
-  check_cpu(x, name.c_str());
+  check_cpu(x, kName, name.c_str());
   CheckedPages c;
   XPagesView& v = c.view;
   v.width = width;
@@ -99,7 +69,7 @@ CheckedPages check_pages(const at::Tensor& x, const std::optional<at::Tensor>& s
               name, " (codes) must be uint8 [num_pages, ", groups, ", ", bytes, "], got ", x.scalar_type(), " ",
               x.sizes());
   for (const auto& [t, suffix] : {std::pair{&*scale, "_scale"}, {&*zero, "_zero"}}) {
-    check_cpu(*t, (name + suffix).c_str());
+    check_cpu(*t, kName, name + suffix);
     TORCH_CHECK(t->scalar_type() == at::kHalf && t->dim() == 2 && t->size(0) == x.size(0) && t->size(1) == groups,
                 kOp, ": ", name, suffix, " must be float16 [", x.size(0), ", ", groups, "], got ", t->scalar_type(),
                 " ", t->sizes());
@@ -119,7 +89,7 @@ CheckedPages check_pages(const at::Tensor& x, const std::optional<at::Tensor>& s
 
 // A small fp32 parameter, contiguous (a copy only when needed).
 at::Tensor f32(const at::Tensor& t, const char* name) {
-  check_cpu(t, name);
+  check_cpu(t, kName, name);
   TORCH_CHECK(t.is_floating_point(), kOp, ": ", name, " must be a float tensor, got ", t.scalar_type());
   return t.to(at::kFloat).contiguous();
 }
@@ -134,7 +104,7 @@ std::tuple<at::Tensor, at::Tensor> xquant_attention_cpu(
     const at::Tensor& wv_in, const std::optional<at::Tensor>& bk_in, const std::optional<at::Tensor>& bv_in,
     const at::Tensor& rope_cos_in, const at::Tensor& rope_sin_in, bool causal,
     const std::optional<at::Tensor>& custom_mask, double sm_scale) {
-  check_cpu(q_in, "q");
+  check_cpu(q_in, kName, "q");
   TORCH_CHECK(q_in.dim() == 3 && is_float_type(q_in.scalar_type()), kOp,
               ": q must be a float32/float16/bfloat16 [total_q, Hq, D] tensor, got ", q_in.scalar_type(), " ",
               q_in.sizes());
@@ -167,62 +137,24 @@ std::tuple<at::Tensor, at::Tensor> xquant_attention_cpu(
   const at::Tensor cos = f32(rope_cos_in, "rope_cos"), sin = f32(rope_sin_in, "rope_sin");
   TORCH_CHECK(cos.dim() == 2 && cos.size(1) == d && sin.sizes() == cos.sizes(), kOp,
               ": rope_cos and rope_sin must both be [max_pos, ", d, "], got ", cos.sizes(), " and ", sin.sizes());
-  const int64_t max_pos = cos.size(0);
 
-  // The page table (the checks of attention_op.cpp's check_level).
-  const at::Tensor qo_indptr = int32_vector(qo_indptr_in, "qo_indptr");
-  check_indptr(qo_indptr, -1, total_q, "qo_indptr");
-  const int64_t batch = qo_indptr.numel() - 1;
-  const int32_t* qo = qo_indptr.data_ptr<int32_t>();
-  TORCH_CHECK(qo[batch] == total_q, kOp, ": qo_indptr ends at ", qo[batch], ", q has ", total_q, " rows");
-  const at::Tensor kv_indices = int32_vector(kv_indices_in, "kv_indices");
-  const at::Tensor kv_indptr = int32_vector(kv_indptr_in, "kv_indptr");
-  check_indptr(kv_indptr, batch + 1, kv_indices.numel(), "kv_indptr");
-  const int32_t* indptr = kv_indptr.data_ptr<int32_t>();
-  const int32_t* pages = kv_indices.data_ptr<int32_t>();
-  for (int64_t i = 0; i < indptr[batch]; ++i) {
-    TORCH_CHECK(pages[i] >= 0 && pages[i] < num_pages, kOp, ": kv_indices[", i, "] = ", pages[i],
-                " is not a page id in [0, ", num_pages, ")");
-  }
-  const at::Tensor last_t = int32_vector(kv_last_page_len_in, "kv_last_page_len");
-  TORCH_CHECK(last_t.numel() == batch, kOp, ": kv_last_page_len must have ", batch, " entries, got ", last_t.numel());
-  const at::Tensor start_t = int32_vector(kv_start_pos_in, "kv_start_pos");
-  TORCH_CHECK(start_t.numel() == batch, kOp, ": kv_start_pos must have ", batch, " entries, got ", start_t.numel());
-  const int32_t* last = last_t.data_ptr<int32_t>();
+  // The page table and mask: attention's checks, plus RoPE positions per request.
+  const int64_t max_pos = cos.size(0);
+  const CheckedLevel checked = check_level(qo_indptr_in, kv_indptr_in, kv_indices_in, kv_last_page_len_in, causal,
+                                           custom_mask, total_q, num_pages, page_size, kName, "");
+  const AttentionLevel& lv = checked.level;
+  const at::Tensor start_t = int32_vector(kv_start_pos_in, kName, "kv_start_pos");
+  TORCH_CHECK(start_t.numel() == lv.batch, kOp, ": kv_start_pos must have ", lv.batch, " entries, got ",
+              start_t.numel());
   const int32_t* start = start_t.data_ptr<int32_t>();
-  int64_t mask_entries = 0;
-  for (int64_t b = 0; b < batch; ++b) {
-    const int64_t n = indptr[b + 1] - indptr[b];
-    if (n > 0) {
-      TORCH_CHECK(last[b] >= 1 && last[b] <= page_size, kOp, ": kv_last_page_len[", b, "] = ", last[b],
-                  " must be in [1, page_size = ", page_size, "] for a request with pages");
-    }
-    const int64_t kv_len = n == 0 ? 0 : (n - 1) * page_size + last[b];
+  for (int64_t b = 0; b < lv.batch; ++b) {
+    const int64_t n = lv.kv_indptr[b + 1] - lv.kv_indptr[b];
+    const int64_t kv_len = n == 0 ? 0 : (n - 1) * page_size + lv.kv_last_page_len[b];
     TORCH_CHECK(start[b] >= 0 && start[b] + kv_len <= max_pos, kOp, ": kv_start_pos[", b, "] = ", start[b],
                 " puts the request's ", kv_len, " keys outside the RoPE table [0, ", max_pos, ")");
-    mask_entries += static_cast<int64_t>(qo[b + 1] - qo[b]) * kv_len;
   }
-  at::Tensor mask;
   XQuantProblem p;
-  AttentionLevel& lv = p.level;
-  if (custom_mask.has_value() && custom_mask->defined()) {
-    check_cpu(*custom_mask, "custom_mask");
-    const bool packed = custom_mask->scalar_type() == at::kByte;
-    TORCH_CHECK(packed || custom_mask->scalar_type() == at::kBool, kOp,
-                ": custom_mask must be bool or bit-packed uint8, got ", custom_mask->scalar_type());
-    const int64_t want = packed ? (mask_entries + 7) / 8 : mask_entries;
-    TORCH_CHECK(custom_mask->numel() == want, kOp, ": custom_mask has ", custom_mask->numel(), " entries, expected ",
-                want, packed ? " bytes (sum(qo_len * kv_len) bits)" : " (sum(qo_len * kv_len))");
-    mask = custom_mask->contiguous();
-    lv.custom_mask = mask.numel() ? static_cast<const uint8_t*>(mask.data_ptr()) : nullptr;
-    lv.mask_packed = packed;
-  }
-  lv.batch = batch;
-  lv.qo_indptr = qo;
-  lv.kv_indptr = indptr;
-  lv.kv_indices = pages;
-  lv.kv_last_page_len = last;
-  lv.causal = causal;
+  p.level = lv;
 
   const at::Tensor q = q_in.to(at::kFloat);
   const at::Tensor qc = d > 1 && q.stride(2) != 1 ? q.contiguous() : q;
@@ -255,14 +187,7 @@ std::tuple<at::Tensor, at::Tensor> xquant_attention_cpu(
 
   at::Tensor out = at::empty({total_q, hq, d}, q_in.options().dtype(at::kFloat));
   at::Tensor lse = at::empty({total_q, hq}, q_in.options().dtype(at::kFloat));
-  Threads threads;
-  threads.count = at::in_parallel_region() ? 1 : at::get_num_threads();
-  threads.run = [](int64_t workers, const std::function<void(int64_t)>& body) {
-    at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t w = begin; w < end; ++w) body(w);
-    });
-  };
-  if (out.numel() > 0) xquant_attention(p, out.data_ptr<float>(), lse.data_ptr<float>(), threads);
+  if (out.numel() > 0) xquant_attention(p, out.data_ptr<float>(), lse.data_ptr<float>(), torch_threads());
   return {q_in.scalar_type() == at::kFloat ? out : out.to(q_in.scalar_type()), lse};
 }
 
