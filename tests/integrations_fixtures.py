@@ -2,6 +2,7 @@
 loads it (GGUF, fp32), and tiny random Llama / Mistral / Qwen2 models."""
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -15,8 +16,10 @@ NEEDS_TRANSFORMERS = pytest.mark.skipif(importlib.util.find_spec("transformers")
 WIKI = os.path.join(os.path.dirname(__file__), "data", "wikitext2_excerpt.txt")
 
 
+@functools.cache
 def load_default_hf():
-    """(model, tokenizer) of the embedded SmolLM2-135M-Instruct GGUF through transformers, fp32, sdpa."""
+    """(model, tokenizer) of the embedded SmolLM2-135M-Instruct GGUF through transformers, fp32, sdpa.
+    Loaded once per session (~40 s here); tests set the attention implementation they need."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from forkdec.models import default_model_path

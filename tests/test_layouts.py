@@ -15,8 +15,8 @@ import torch
 import forkdec
 from forkdec import reference
 from forkdec.backends import unavailable_reason
-from forkdec.integrations.layouts import (from_sglang_req_to_token, from_vllm_block_table, token_pool_as_pages,
-                                          vllm_cascade_levels)
+from forkdec.integrations.layouts import (common_prefix_blocks, from_sglang_req_to_token, from_vllm_block_table,
+                                          token_pool_as_pages, vllm_cascade_levels)
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 HQ, HKV, D = 4, 2, 32
@@ -223,6 +223,16 @@ def test_empty_batches_and_requests_without_keys():
     table = from_sglang_req_to_token(torch.arange(12).view(3, 4), torch.tensor([2, 0]), torch.tensor([3, 0]))
     assert table.kv_indptr.tolist() == [0, 3, 3] and table.kv_indices.tolist() == [8, 9, 10]
     assert table.kv_last_page_len.tolist() == [1, 0] and table.kv_indices.dtype == torch.int32
+
+
+def test_common_prefix_blocks_counts_shared_computed_blocks():
+    table = torch.tensor([[4, 7, 9, 1], [4, 7, 9, 2], [4, 7, 3, 0]], dtype=torch.int32)
+    qsl = torch.tensor([0, 1, 2, 3])
+    assert common_prefix_blocks(table, torch.tensor([13, 14, 11]), qsl, 4) == 2  # rows part at block 2
+    assert common_prefix_blocks(table[:2], torch.tensor([13, 14]), qsl[:3], 4) == 3
+    # Request 0's queries start inside block 1: only block 0 is computed for everyone.
+    assert common_prefix_blocks(table[:2], torch.tensor([13, 14]), torch.tensor([0, 8, 9]), 4) == 1
+    assert common_prefix_blocks(table[:1], torch.tensor([13]), qsl[:2], 4) == 0  # one request: nothing to share
 
 
 BT, SL = torch.tensor([[1, 2], [3, 4]], dtype=torch.int32), torch.tensor([5, 8])

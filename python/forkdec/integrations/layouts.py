@@ -160,3 +160,15 @@ def vllm_cascade_levels(block_table: Tensor, seq_lens: Tensor, query_start_loc: 
     level1 = CascadeLevel(query_start_loc.to(torch.int32), own.kv_indptr, own.kv_indices, own.kv_last_page_len,
                           causal=True)
     return [level0, level1]
+
+
+def common_prefix_blocks(block_table: Tensor, seq_lens: Tensor, query_start_loc: Tensor, block_size: int) -> int:
+    """How many leading blocks every request of a vLLM batch shares and has fully computed
+    (all its queries come after them): the level 0 that `vllm_cascade_levels` can use.
+    vLLM's prefix caching gives requests with a common prefix the same block ids."""
+    if block_table.shape[0] < 2 or block_table.shape[1] == 0:
+        return 0
+    same = (block_table == block_table[:1]).all(0).long()
+    leading = int(same.cumprod(0).sum())
+    computed = int(((seq_lens.long() - (query_start_loc[1:] - query_start_loc[:-1]).long()) // block_size).min())
+    return max(0, min(leading, computed))
