@@ -6,6 +6,8 @@
   `forkdec.Engine.from_transformers` (the HF weights are used in place).
 - `forkdec.integrations.layouts`: vLLM block tables and SGLang `req_to_token`
   rows as forkdec page tables, by index arithmetic only.
+- `forkdec.integrations.vllm_backend`: forkdec as vLLM's out-of-tree (CUSTOM)
+  attention backend; needs vllm.
 
-transformers is imported only by the modules that need it.
+transformers and vllm are imported only by the modules that need them.
 """
