@@ -97,6 +97,21 @@ def test_adapter_logits_match_the_hf_forward(model_type, overrides):
         assert adapter.config.max_position_embeddings == 32
 
 
+@pytest.mark.parametrize("dtype, atol", [(torch.float16, 2e-2), (torch.bfloat16, 5e-2)], ids=str)
+def test_adapter_runs_half_precision_models(dtype, atol):
+    """A model loaded in half precision: the KV cache and q/k/v follow its dtype, logits come back fp32.
+    Tolerance: a few units of the dtype's rounding on logits of magnitude ~1 (attention order differs)."""
+    model = tiny_hf("llama").to(dtype)
+    adapter = TransformersModel(model)
+    assert adapter.dtype == dtype
+    ids = torch.randint(3, 97, (10,), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        ref = model(ids[None]).logits[0].float()
+    got = adapter(ids, torch.arange(10), ContiguousAttention(2))
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, atol=atol, rtol=0)
+
+
 def test_engine_reads_the_weights_live():
     """Changing an HF weight in place changes the engine's logits: nothing was copied."""
     model = tiny_hf("llama")
