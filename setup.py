@@ -46,6 +46,7 @@ setup(
     description="Kernels and a minimal engine for decoding many reasoning paths of one prompt in one batch",
     python_requires=">=3.10",
     packages=["forkdec", "forkdec.ops", "forkdec.reference", "forkdec.models", "forkdec.engine", "forkdec.xquant",
+              "forkdec.integrations",
               "forkdec.triton_kernels", "forkdec.bench"],
     package_dir={"forkdec": "python/forkdec", "forkdec.triton_kernels": "triton_kernels",
                  "forkdec.bench": "bench"},

@@ -21,6 +21,7 @@ BENCH_AREAS: dict[str, str] = {
     "gpu-speculative": "forkdec.bench.gpu_speculative",
     "xquant-attention": "forkdec.bench.xquant_attention",
     "gpu-xquant": "forkdec.bench.gpu_xquant",
+    "integrations": "forkdec.bench.integrations",
 }
 
 

@@ -80,6 +80,13 @@ class Engine:
         self.cache: PagedKVCache | None = None
         self.last_stats: GenerateStats | None = None
 
+    @classmethod
+    def from_transformers(cls, model: Any, tokenizer: Any, **kwargs: Any) -> "Engine":
+        """An engine on a loaded transformers Llama/Mistral/Qwen2 model and its tokenizer, using the
+        model's weights in place (no copy); kwargs as for Engine (kv_budget_bytes, page_size)."""
+        from forkdec.integrations.transformers_model import adapt
+        return cls(adapt(model, tokenizer), **kwargs)
+
     # ---- prompts ------------------------------------------------------------------------------
     def encode(self, prompt: str, chat: bool = True) -> list[int]:
         """Token ids of `prompt`, as a one-turn user message in the chat template if `chat`."""
