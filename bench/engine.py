@@ -186,6 +186,8 @@ def run(argv: list[str] | None = None) -> int:
     elif importlib.util.find_spec("llama_cpp") is None:
         skipped.append(f"llama.cpp: {SKIP_REASON}")
     else:
+        # First-call costs (thread pool, compute graph) out of the timings, as for forkdec.
+        llama_cpp_generate(default_model_path(), engine.encode("warm up"), 2, 4, 0.7, threads=args.llama_threads)
         for kind in ("short", "long"):
             ids = engine.encode(texts[kind])
             for n in [int(v) for v in (args.llama_n or args.peer_n).split(",")]:
@@ -231,6 +233,8 @@ def run(argv: list[str] | None = None) -> int:
         "sampling": "temperature 0.7, top-k/top-p off, seed 0, EOS ignored / min_new_tokens = max_new_tokens",
         "new tokens per path": f"forkdec {args.max_new_tokens}, peers {peer_new}",
         "sampler": "forkdec.ops.sample" if hasattr(forkdec.ops, "sample") else "engine fallback sampler",
+        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "unset (libgomp spins)"),
+        "load average (1, 5, 15 min) at the end": ", ".join(f"{x:.1f}" for x in os.getloadavg()),
         "note": "one run on a machine shared with other jobs (2 cores); treat as indicative",
     })
     write_report(out / "engine.md", "Engine: tokens/s vs paths", facts, body)
