@@ -24,6 +24,8 @@ import time
 from types import ModuleType
 from typing import Any
 
+from forkdec.validation import require
+
 SKIP_REASON = ("llama-cpp-python is not installed (optional peer, kept out of forkdec's dependencies; "
                "build it with CMAKE_ARGS=\"-DGGML_NATIVE=ON\" pip install llama-cpp-python, ~7 minutes here)")
 
@@ -128,24 +130,19 @@ def check_arguments(gguf_path: str, prompt_ids: list[int], n: int, max_new_token
     def real(v: Any) -> bool:
         return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v  # NaN != NaN
 
-    _require(isinstance(gguf_path, (str, os.PathLike)) and os.path.isfile(gguf_path), "gguf_path",
+    require(isinstance(gguf_path, (str, os.PathLike)) and os.path.isfile(gguf_path), "gguf_path",
              f"no such file: {gguf_path!r}")
-    _require(isinstance(prompt_ids, (list, tuple)) and len(prompt_ids) > 0, "prompt_ids",
+    require(isinstance(prompt_ids, (list, tuple)) and len(prompt_ids) > 0, "prompt_ids",
              "must be a non-empty list of token ids")
-    _require(all(whole(t) and t >= 0 for t in prompt_ids), "prompt_ids", "must hold non-negative ints")
-    _require(whole(n) and n >= 1, "n", f"must be an int >= 1, got {n!r}")
-    _require(whole(max_new_tokens) and max_new_tokens >= 1, "max_new_tokens",
+    require(all(whole(t) and t >= 0 for t in prompt_ids), "prompt_ids", "must hold non-negative ints")
+    require(whole(n) and n >= 1, "n", f"must be an int >= 1, got {n!r}")
+    require(whole(max_new_tokens) and max_new_tokens >= 1, "max_new_tokens",
              f"must be an int >= 1, got {max_new_tokens!r}")
-    _require(real(temperature) and temperature >= 0, "temperature", f"must be >= 0, got {temperature!r}")
-    _require(whole(seed) and 0 <= seed < 2**32, "seed", f"must be an int in [0, 2**32), got {seed!r}")
-    _require(whole(threads) and threads >= 1, "threads", f"must be an int >= 1, got {threads!r}")
-    _require(real(top_p) and 0 < top_p <= 1, "top_p", f"must be in (0, 1], got {top_p!r}")
-    _require(whole(top_k) and top_k >= 0, "top_k", f"must be an int >= 0, got {top_k!r}")
-
-
-def _require(ok: bool, name: str, message: str) -> None:
-    if not ok:
-        raise ValueError(f"{name}: {message}")
+    require(real(temperature) and temperature >= 0, "temperature", f"must be >= 0, got {temperature!r}")
+    require(whole(seed) and 0 <= seed < 2**32, "seed", f"must be an int in [0, 2**32), got {seed!r}")
+    require(whole(threads) and threads >= 1, "threads", f"must be an int >= 1, got {threads!r}")
+    require(real(top_p) and 0 < top_p <= 1, "top_p", f"must be in (0, 1], got {top_p!r}")
+    require(whole(top_k) and top_k >= 0, "top_k", f"must be an int >= 0, got {top_k!r}")
 
 
 def _import_llama_cpp() -> ModuleType:
