@@ -4,9 +4,11 @@ SmolLM2-135M-Instruct (the embedded GGUF), a GSM8K test question in the chat
 template, temperature 0.7, every path forced to the full length (ignore_eos;
 peers: min_new_tokens) so tokens/s compare like with like. Two prompts: the
 question alone, and the question after few-shot worked GSM8K examples (~2000
-tokens, shared by all paths). Peer: Hugging Face transformers
-`generate(num_return_sequences=n, do_sample=True)` on the same GGUF in fp32.
-llama-cpp-python is reported as skipped unless importable (it is not built here).
+tokens, shared by all paths). Peers: Hugging Face transformers
+`generate(num_return_sequences=n, do_sample=True)` on the same GGUF in fp32, and
+llama.cpp through llama-cpp-python decoding the same n paths in one batch after
+sharing the prompt by sequence copy (bench/llama_cpp_peer.py; skipped with the
+reason when llama-cpp-python is not installed).
 """
 from __future__ import annotations
 
@@ -21,8 +23,9 @@ from typing import Any
 import torch
 
 from forkdec.bench.common import machine_facts, markdown_table, results_dir, write_report
+from forkdec.bench.llama_cpp_peer import SKIP_REASON, llama_cpp_generate
 
-TARGET = "n=32 at least 10x transformers (aggregate generated tokens/s)"
+TARGET = "n=32 at least 10x transformers and at least 1.5x llama.cpp (aggregate generated tokens/s)"
 FALLBACK_QUESTION = ("Janet's ducks lay 16 eggs per day. She eats three for breakfast every morning and bakes "
                      "muffins for her friends every day with four. She sells the remainder at the farmers' market "
                      "daily for $2 per fresh duck egg. How much in dollars does she make every day at the "
@@ -122,6 +125,8 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--peer-n", default="1,8,32", help="path counts for transformers (it is slow)")
     parser.add_argument("--peer-max-new-tokens", type=int, default=None, help="default: --max-new-tokens")
     parser.add_argument("--peer-long", action="store_true", help="also run transformers on the long prompt")
+    parser.add_argument("--llama-n", default=None, help="path counts for llama.cpp (default: --peer-n)")
+    parser.add_argument("--llama-threads", type=int, default=2, help="llama.cpp decode threads")
     parser.add_argument("--no-peers", action="store_true")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="engine dtype (default: loader's)")
     parser.add_argument("--quick", action="store_true",
@@ -174,27 +179,43 @@ def run(argv: list[str] | None = None) -> int:
                 print(f"transformers {kind} n={n}: {r['tok_s']:.1f} tok/s ({r['tokens']} tokens, {r['seconds']:.1f} s)")
         if not args.peer_long:
             skipped.append("transformers on the long prompt: not run (--peer-long; it prefills the prompt once per path)")
-    if importlib.util.find_spec("llama_cpp") is None:
-        skipped.append("llama-cpp-python: not importable here (optional; building it takes ~7 minutes, not done)")
+    llama: dict[str, dict[int, dict]] = {"short": {}, "long": {}}
+    llama_version = "not run"
+    if args.no_peers:
+        skipped.append("llama.cpp: --no-peers")
+    elif importlib.util.find_spec("llama_cpp") is None:
+        skipped.append(f"llama.cpp: {SKIP_REASON}")
     else:
-        skipped.append("llama-cpp-python: importable, but this script has no runner for it yet "
-                       "(see /work/shared/NOTES.md for its numbers on this machine)")
+        # First-call costs (thread pool, compute graph) out of the timings, as for forkdec.
+        llama_cpp_generate(default_model_path(), engine.encode("warm up"), 2, 4, 0.7, threads=args.llama_threads)
+        for kind in ("short", "long"):
+            ids = engine.encode(texts[kind])
+            for n in [int(v) for v in (args.llama_n or args.peer_n).split(",")]:
+                r = llama_cpp_generate(default_model_path(), ids, n, peer_new, 0.7, seed=0,
+                                       threads=args.llama_threads, ignore_eos=True)
+                seconds = r["prompt_seconds"] + r["decode_seconds"]
+                llama[kind][n] = {"tok_s": r["generated_tokens"] / seconds, "tokens": r["generated_tokens"],
+                                  "seconds": seconds}
+                llama_version = f"{r['version']}; {r['settings']}"
+                print(f"llama.cpp {kind} n={n}: {llama[kind][n]['tok_s']:.1f} tok/s ({r['generated_tokens']} "
+                      f"tokens, {seconds:.1f} s, prompt {r['prompt_seconds']:.2f} s)")
 
     out = results_dir(args.out)
     rows = []
     for kind in ("short", "long"):
         for n, r in results[kind].items():
-            peer = peers[kind].get(n)
+            peer, lc = peers[kind].get(n), llama[kind].get(n)
             rows.append([kind, str(r["prompt_tokens"]), str(n), f"{r['tok_s']:.1f}", f"{r['decode_tok_s']:.1f}",
                          f"{r['prefill_s']:.2f}", f"{peer['tok_s']:.1f}" if peer else "-",
                          f"{r['tok_s'] / peer['tok_s']:.1f}x" if peer else "-",
+                         f"{lc['tok_s']:.1f}" if lc else "-", f"{r['tok_s'] / lc['tok_s']:.2f}x" if lc else "-",
                          f"{r['kv_prompt'] / 2**20:.1f}", f"{r['kv_peak'] / 2**20:.1f}",
                          f"{r['kv_copied'] / 2**20:.1f}"])
     header = ["prompt", "prompt tokens", "n", "forkdec tok/s", "forkdec decode-only tok/s", "prefill s",
-              "transformers tok/s", "speedup", "KV prompt MiB (once)", "KV peak MiB", "KV if prompt copied per path MiB"]
-    r32, p32 = results["short"].get(32), peers["short"].get(32)
-    verdict = (f"n=32: {r32['tok_s']:.1f} vs {p32['tok_s']:.1f} tok/s = {r32['tok_s'] / p32['tok_s']:.1f}x "
-               f"({'met' if r32['tok_s'] >= 10 * p32['tok_s'] else 'NOT met'})") if r32 and p32 else "n=32 not measured against a peer"
+              "transformers tok/s", "vs transformers", "llama.cpp tok/s", "vs llama.cpp", "KV prompt MiB (once)",
+              "KV peak MiB", "KV if prompt copied per path MiB"]
+    verdict = "; ".join(_verdict(results["short"].get(32), peer_runs["short"].get(32), name, factor)
+                        for name, peer_runs, factor in (("transformers", peers, 10.0), ("llama.cpp", llama, 1.5)))
     body = "\n".join([
         f"Target: {TARGET}. Result: {verdict}.", "",
         markdown_table(header, rows), "",
@@ -206,10 +227,14 @@ def run(argv: list[str] | None = None) -> int:
     facts = machine_facts({
         "model": "SmolLM2-135M-Instruct Q4_1 GGUF (embedded), dequantized",
         "forkdec engine dtype": str(engine.model.dtype).replace("torch.", ""),
-        "transformers": _version("transformers") + " fp32", "prompt": data_note + ", chat template",
+        "transformers": _version("transformers") + " fp32",
+        "llama.cpp": llama_version + " (same GGUF file, Q4_1/Q8_0 weights as stored)",
+        "prompt": data_note + ", chat template",
         "sampling": "temperature 0.7, top-k/top-p off, seed 0, EOS ignored / min_new_tokens = max_new_tokens",
-        "new tokens per path": f"forkdec {args.max_new_tokens}, transformers {peer_new}",
+        "new tokens per path": f"forkdec {args.max_new_tokens}, peers {peer_new}",
         "sampler": "forkdec.ops.sample" if hasattr(forkdec.ops, "sample") else "engine fallback sampler",
+        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "unset (libgomp spins)"),
+        "load average (1, 5, 15 min) at the end": ", ".join(f"{x:.1f}" for x in os.getloadavg()),
         "note": "one run on a machine shared with other jobs (2 cores); treat as indicative",
     })
     write_report(out / "engine.md", "Engine: tokens/s vs paths", facts, body)
@@ -218,8 +243,18 @@ def run(argv: list[str] | None = None) -> int:
         "forkdec, ~2k-token prompt": sorted((n, r["tok_s"]) for n, r in results["long"].items()),
         "transformers, short prompt": sorted((n, r["tok_s"]) for n, r in peers["short"].items()),
         "transformers, ~2k-token prompt": sorted((n, r["tok_s"]) for n, r in peers["long"].items()),
+        "llama.cpp, short prompt": sorted((n, r["tok_s"]) for n, r in llama["short"].items()),
+        "llama.cpp, ~2k-token prompt": sorted((n, r["tok_s"]) for n, r in llama["long"].items()),
     })
     return 0
+
+
+def _verdict(ours: dict | None, peer: dict | None, name: str, factor: float) -> str:
+    if not ours or not peer:
+        return f"n=32 not measured against {name}"
+    ratio = ours["tok_s"] / peer["tok_s"]
+    return (f"n=32 vs {name}: {ours['tok_s']:.1f} vs {peer['tok_s']:.1f} tok/s = {ratio:.2f}x "
+            f"(target {factor:g}x: {'met' if ratio >= factor else 'NOT met'})")
 
 
 def _version(pkg: str) -> str:

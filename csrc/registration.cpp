@@ -63,4 +63,16 @@ TORCH_LIBRARY(forkdec, m) {
         "Tensor kv_last_page_len, Tensor kv_start_pos, Tensor wk, Tensor wv, Tensor? bk, Tensor? bv, "
         "Tensor rope_cos, Tensor rope_sin, bool causal, Tensor? custom_mask, float sm_scale) "
         "-> (Tensor out, Tensor lse)");
+
+  // Fused decoder-layer elementwise ops (docs/models.md), math in fp32, one
+  // rounding to x's dtype. rms_norm: x / sqrt(mean(x^2) + eps) * weight over the
+  // last dim. add_rms_norm: sum = x + residual (rounded), out = rms_norm(sum).
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor out, Tensor sum)");
+  // Rotate-half RoPE of the q/k heads of qkv [T, (Hq + 2 Hkv) * D] (cos, sin fp32
+  // [T, D/2]), split into contiguous q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D].
+  m.def("rope_qkv(Tensor qkv, Tensor cos, Tensor sin, int num_q_heads, int num_kv_heads) "
+        "-> (Tensor q, Tensor k, Tensor v)");
+  // silu(x[..., :I]) * x[..., I:] for x [..., 2I].
+  m.def("silu_and_mul(Tensor x) -> Tensor");
 }

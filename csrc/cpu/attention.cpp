@@ -59,43 +59,6 @@ constexpr int64_t kWordKeys = 16;
 // Stands in for the K row of a padding key (any element type: all bits zero).
 alignas(64) inline constexpr float kZeroRow[256] = {};
 
-// Round to nearest even, as torch's .to(torch.bfloat16).
-inline BFloat to_bf16(float f) {
-  const uint32_t x = float_to_bits(f);
-  if ((x & 0x7fffffffu) > 0x7f800000u) return BFloat{static_cast<uint16_t>((x >> 16) | 0x40)};
-  return BFloat{static_cast<uint16_t>((x + 0x7fffu + ((x >> 16) & 1)) >> 16)};
-}
-
-// Round to nearest even, overflow to inf, subnormals kept, as torch's .to(torch.float16).
-inline Half to_half(float f) {
-  const uint32_t x = float_to_bits(f);
-  const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000);
-  const uint32_t a = x & 0x7fffffffu;
-  if (a > 0x7f800000u) return Half{static_cast<uint16_t>(sign | 0x7e00)};
-  const int e = static_cast<int>(a >> 23) - 127;
-  if (e > 15) return Half{static_cast<uint16_t>(sign | 0x7c00)};
-  uint32_t mantissa = a & 0x7fffffu;
-  uint32_t h;
-  int shift;
-  if (e >= -14) {  // a normal half: drop 13 mantissa bits
-    h = (static_cast<uint32_t>(e + 15) << 10) | (mantissa >> 13);
-    shift = 13;
-  } else {  // a subnormal half (units of 2^-24) or zero
-    if (e < -25) return Half{sign};
-    mantissa |= 0x800000u;
-    shift = -e - 1;
-    h = mantissa >> shift;
-  }
-  const uint32_t rest = mantissa & ((1u << shift) - 1);
-  const uint32_t halfway = 1u << (shift - 1);
-  if (rest > halfway || (rest == halfway && (h & 1))) ++h;  // a carry may reach the next exponent or inf: right
-  return Half{static_cast<uint16_t>(sign | h)};
-}
-
-inline void from_float(float v, float* dst) { *dst = v; }
-inline void from_float(float v, Half* dst) { *dst = to_half(v); }
-inline void from_float(float v, BFloat* dst) { *dst = to_bf16(v); }
-
 inline int64_t element_size(DType dtype) { return dtype == DType::f32 ? 4 : 2; }
 
 // Calls f(T{}) with T the element type of dtype.

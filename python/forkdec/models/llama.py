@@ -12,8 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from forkdec import ops
+from forkdec.backends import resolve
 from forkdec.models.config import ModelConfig, rope_inv_freq
-from forkdec.validation import require, validation_enabled
+from forkdec.ops.layer_ops import BACKENDS as LAYER_OP_BACKENDS
+from forkdec.validation import require, validation, validation_enabled
 
 Attend = Callable[[int, Tensor, Tensor, Tensor], Tensor]
 
@@ -83,35 +86,51 @@ class LlamaModel(nn.Module):
         rows -> fp32 logits [R or T, vocab_size]. Bad input raises ValueError naming it
         (skipped under forkdec.validation(False))."""
         cfg = self.config
-        if validation_enabled():
+        checked = validation_enabled()
+        if checked:
             self._validate(tokens, positions, logits_rows)
         t = tokens.shape[0]
-        hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        cos, sin = self._rope(positions)
+        hq, hkv, d, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
+        backend = self._backend()
+        cos, sin = self._rope_angles(positions)
         x = F.embedding(tokens, self.embed)
-        for i, layer in enumerate(self.layers):
-            h = _rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
-            qkv = F.linear(h, layer.qkv, layer.qkv_bias)
-            # q and k heads rotate together: one RoPE over [T, Hq + Hkv, D]
-            qk = _rotate(qkv[:, : (hq + hkv) * d].view(t, hq + hkv, d), cos, sin)
-            q, k = qk.split((hq, hkv), dim=1)
-            v = qkv[:, (hq + hkv) * d:].reshape(t, hkv, d)
-            out = attend(i, q.contiguous(), k.contiguous(), v.contiguous())
-            x = x + F.linear(out.reshape(t, hq * d), layer.o)
-            h = _rms_norm(x, layer.ffn_norm, cfg.rms_norm_eps)
-            gate, up = F.linear(h, layer.gate_up).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, layer.down)
-        if logits_rows is not None:
-            x = x.index_select(0, logits_rows.to(device=x.device, dtype=torch.long))
-        x = _rms_norm(x, self.norm, cfg.rms_norm_eps)
+        # The residual stream runs one layer behind: each add_rms_norm adds the previous
+        # sublayer's output and normalizes in one pass (fused ops: forkdec.ops.layer_ops).
+        # Their inputs come from this model's own tensors, so they skip validation; the
+        # caller's attend keeps the caller's setting.
+        residual = None
+        with validation(False):
+            for i, layer in enumerate(self.layers):
+                if residual is None:
+                    h, residual = ops.rms_norm(x, layer.attn_norm, eps, backend=backend), x
+                else:
+                    h, residual = ops.add_rms_norm(x, residual, layer.attn_norm, eps, backend=backend)
+                qkv = F.linear(h, layer.qkv, layer.qkv_bias)
+                q, k, v = ops.rope_qkv(qkv, cos, sin, hq, hkv, backend=backend)
+                with validation(checked):
+                    out = attend(i, q, k, v)
+                x = F.linear(out.reshape(t, hq * d), layer.o)
+                h, residual = ops.add_rms_norm(x, residual, layer.ffn_norm, eps, backend=backend)
+                x = F.linear(ops.silu_and_mul(F.linear(h, layer.gate_up), backend=backend), layer.down)
+            if logits_rows is not None:  # only these rows reach the final norm and the LM head
+                rows = logits_rows.to(device=x.device, dtype=torch.long)
+                x = x.index_select(0, rows)
+                residual = None if residual is None else residual.index_select(0, rows)
+            if residual is None:
+                x = ops.rms_norm(x, self.norm, eps, backend=backend)
+            else:
+                x = ops.add_rms_norm(x, residual, self.norm, eps, backend=backend)[0]
         return _lm_head(x, self.lm_head)
 
-    def _rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        # Angles in fp32 (positions up to 2^24 are exact), then cos/sin in the model dtype:
-        # computed once per forward and shared by every layer.
+    def _backend(self) -> str:
+        # Resolved once per forward (a cached lookup), then passed to every fused op.
+        return resolve("auto", "add_rms_norm", self.device, LAYER_OP_BACKENDS)
+
+    def _rope_angles(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """fp32 cos, sin [T, D/2] of each position, computed once per forward for every layer."""
         inv_freq = self.inv_freq.float()  # stays fp32 even after a model.to(bfloat16)
         angles = positions.to(device=self.device, dtype=torch.float32)[:, None] * inv_freq[None, :]
-        return angles.cos().to(self.dtype)[:, None, :], angles.sin().to(self.dtype)[:, None, :]
+        return angles.cos(), angles.sin()
 
     def _validate(self, tokens: Tensor, positions: Tensor, logits_rows: Tensor | None) -> None:
         require(isinstance(tokens, Tensor) and tokens.dim() == 1 and not tokens.is_floating_point(), "tokens",
