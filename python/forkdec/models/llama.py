@@ -47,6 +47,8 @@ class LlamaModel(nn.Module):
     attend(layer, q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D]) -> out [T, Hq, D]
     receives q and k after RoPE, in the model's dtype; it stores k/v wherever
     it keeps its cache and returns attention over the right keys for each row.
+    An attend with `needs_layer_input = True` also gets x= (the layer's
+    post-norm input [T, hidden]) and residual= (the pre-norm residual stream).
     Only the rows `logits_rows` (indices into T) go through the final norm and
     the LM head: prefill usually needs just the last row.
     Weights are created zero-filled; loaders fill them with `load_weights`.
@@ -89,6 +91,8 @@ class LlamaModel(nn.Module):
         hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         cos, sin = self._rope(positions)
         x = F.embedding(tokens, self.embed)
+        # XQuant caches store the layer input instead of K/V: hand it over only to an attend that asks.
+        needs_x = getattr(attend, "needs_layer_input", False)
         for i, layer in enumerate(self.layers):
             h = _rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
             qkv = F.linear(h, layer.qkv, layer.qkv_bias)
@@ -96,7 +100,8 @@ class LlamaModel(nn.Module):
             qk = _rotate(qkv[:, : (hq + hkv) * d].view(t, hq + hkv, d), cos, sin)
             q, k = qk.split((hq, hkv), dim=1)
             v = qkv[:, (hq + hkv) * d:].reshape(t, hkv, d)
-            out = attend(i, q.contiguous(), k.contiguous(), v.contiguous())
+            out = (attend(i, q.contiguous(), k.contiguous(), v.contiguous(), x=h, residual=x) if needs_x
+                   else attend(i, q.contiguous(), k.contiguous(), v.contiguous()))
             x = x + F.linear(out.reshape(t, hq * d), layer.o)
             h = _rms_norm(x, layer.ffn_norm, cfg.rms_norm_eps)
             gate, up = F.linear(h, layer.gate_up).chunk(2, dim=-1)
