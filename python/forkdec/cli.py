@@ -21,6 +21,7 @@ BENCH_AREAS: dict[str, str] = {
     "gpu-speculative": "forkdec.bench.gpu_speculative",
     "xquant-attention": "forkdec.bench.xquant_attention",
     "gpu-xquant": "forkdec.bench.gpu_xquant",
+    "xquant-ppl": "forkdec.bench.xquant_ppl",
 }
 
 
@@ -42,7 +43,13 @@ def _generate(argv: list[str]) -> int:
     return run(argv)
 
 
-COMMANDS: dict[str, Callable[[list[str]], int]] = {"bench": _bench, "generate": _generate}
+def _eval(argv: list[str]) -> int:
+    from forkdec.eval.cli import run
+
+    return run(argv)
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {"bench": _bench, "eval": _eval, "generate": _generate}
 
 
 def main(argv: list[str] | None = None) -> int:
