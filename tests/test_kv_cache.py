@@ -27,8 +27,8 @@ CFG = ModelConfig("llama", vocab_size=64, hidden_size=128, intermediate_size=96,
 CHUNKS = [50, 50, 70, 1, 1, 64, 30]
 
 
-def tiny_model(seed: int = 0, bias: bool = False) -> LlamaModel:
-    cfg = ModelConfig(**{**CFG.__dict__, "attention_bias": bias})
+def tiny_model(seed: int = 0, bias: bool = False, vocab_size: int = 64) -> LlamaModel:
+    cfg = ModelConfig(**{**CFG.__dict__, "attention_bias": bias, "vocab_size": vocab_size})
     m = LlamaModel(cfg)
     g = torch.Generator().manual_seed(seed)
     for p in m.parameters():
