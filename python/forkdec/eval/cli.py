@@ -12,18 +12,12 @@ import sys
 
 import torch
 
+from forkdec.engine.cli import DTYPES, OneLineParser
 from forkdec.validation import require
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2, instead of usage + message
-        raise ValueError(message)
 
 
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="forkdec eval ppl", description="Perplexity through a KV cache kind, chunk by chunk.")
+    p = OneLineParser(prog="forkdec eval ppl", description="Perplexity through a KV cache kind, chunk by chunk.")
     p.add_argument("--kv", default="fp32", help="cache kind: fp32, bf16, fp16, xquant-4, xquant-latent-4, "
                    "xquant-cl-2, kivi-4, ... with optional -gG (group) and -rR (window) (default fp32)")
     p.add_argument("--data", required=True, help="text file, e.g. WikiText-2 test.txt")
