@@ -69,22 +69,22 @@ def expected_kv(kind, model, layer, xs, residuals, ks, vs, nq, positions):
         x = torch.cat([fake_q(x[:nq], b, g, "channel"), x[nq:]])
         return keys(x, wk, bk), (x @ wv + bv).view(-1, hkv, d)
     if kind.family == "xquant-latent":
-        dk, uk = latent_factors(wk)
-        dv, uv = latent_factors(wv)
+        (dk, uk), (dv, uv) = latent_factors(wk), latent_factors(wv)
+        sk, sv = uk.norm(dim=1), uv.norm(dim=1)  # the cache caches X·U·Σ and maps back with Bᵀ
+        dk, uk, dv, uv = dk * sk, uk / sk[:, None], dv * sv, uv / sv[:, None]
         lk, lv = r16(xs[layer].float() @ dk), r16(xs[layer].float() @ dv)
         lk = torch.cat([fake_q(lk[:nq], b, g, "channel"), lk[nq:]])
         lv = torch.cat([fake_q(lv[:nq], b, g, "token"), lv[nq:]])
         return keys(lk, uk, bk), (lv @ uv + bv).view(-1, hkv, d)
-    # xquant-cl: closed loop over layers for the quantized tokens, RMSNorm of the residual stream
+    # xquant-cl: closed loop over layers on the unit-RMS residual stream, X = norm weight * it
+    unit = [r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + CFG.rms_norm_eps) for r in residuals]
     acc = None
     for j in range(layer + 1):
-        res = r16(residuals[j][:nq])
-        delta = res if acc is None else res - acc
+        u = r16(unit[j][:nq])
+        delta = u if acc is None else u - acc
         deq = fake_q(delta, b, g, "channel")
         acc = deq if acc is None else acc + deq
-    x = torch.cat([acc, r16(residuals[layer][nq:])])
-    xf = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + CFG.rms_norm_eps)
-    x = lay.attn_norm.float() * xf
+    x = lay.attn_norm.float() * torch.cat([acc, r16(unit[layer][nq:])])
     return keys(x, wk, bk), (x @ wv + bv).view(-1, hkv, d)
 
 

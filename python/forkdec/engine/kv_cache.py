@@ -121,13 +121,14 @@ def make_kv_cache(kv: str | None, model, num_pages: int, *, page_size: int = 16)
 
     cfg = model.config
     kind = None if kv is None else parse_kind(kv)
+    device = getattr(model, "device", "cpu")  # models outside forkdec.models may not say
     if kind is None or not kind.quantized:
         dtype = model.dtype if kind is None else kind.dtype
         return PagedKVCache(cfg.num_layers, num_pages, cfg.num_kv_heads, cfg.head_dim, page_size=page_size,
-                            dtype=dtype, device=model.device)
+                            dtype=dtype, device=device)
     from forkdec.xquant.cache import QuantizedKVCache
 
-    return QuantizedKVCache(kind, model, num_pages, device=model.device)
+    return QuantizedKVCache(kind, model, num_pages, device=device)
 
 
 def kv_page_bytes(kv: str | None, model, page_size: int = 16) -> tuple[int, int]:

@@ -15,9 +15,10 @@ and its window part and merges the parts' states by LSE:
   pages directly (K, V rematerialized inside the kernel);
 - kivi: quantized K/V pages are dequantized and go through `ops.attention`
   (no fused kernel for KIVI yet), window pages go to `ops.attention` as they are;
-- xquant-cl: per step, a workspace accumulates the dequantized deltas of the
-  quantized pages layer by layer (closed loop); RMSNorm of the accumulated
-  residual stream gives X, which `ops.xquant_attention` reads as float pages.
+- xquant-cl: the stream is the residual stream scaled to unit RMS per token
+  (RMSNorm without its weight; X = weight_l ⊙ it). Per step, a workspace
+  accumulates the dequantized deltas of the quantized pages layer by layer
+  (closed loop); X from it goes to `ops.xquant_attention` as float pages.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from forkdec.validation import require, validation, validation_enabled
 from forkdec.xquant.accounting import stream_widths, window_dtype
 from forkdec.xquant.kinds import KVKind
 from forkdec.xquant.pages import QuantizedPages
-from forkdec.xquant.weights import layer_weights, rms_norm, rope_tables
+from forkdec.xquant.weights import layer_weights, rope_tables, unit_rms
 
 
 @dataclass
@@ -217,7 +218,7 @@ class QuantizedKVCache:
             if family == "xquant":
                 values = {"x": x}
             elif family == "xquant-cl":
-                values = {"x": residual}
+                values = {"x": unit_rms(residual, self.eps)}
             else:
                 xf = x.float()
                 values = {"k": xf @ w.down_k, "v": xf @ w.down_v}
@@ -257,8 +258,8 @@ class QuantizedKVCache:
                                  part.kv_last_page_len, causal=part.causal, return_lse=True, backend=backend)
         indices = part.kv_indices
         if family == "xquant-cl":
-            acc = step.cl_acc if part.quantized else self.fp["x"][layer][part.gather]
-            xk = xv = rms_norm(acc, w.norm, self.eps)
+            u = step.cl_acc if part.quantized else self.fp["x"][layer][part.gather].float()
+            xk = xv = u * w.norm  # X = RMSNorm_l(residual) = weight_l ⊙ unit-RMS stream
             indices = part.local
         elif part.quantized:
             xk, xv = (self.qpages[layer]["x"],) * 2 if family == "xquant" else (self.qpages[layer]["k"],

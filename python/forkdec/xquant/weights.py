@@ -15,7 +15,7 @@ from forkdec.xquant.latent import latent_factors
 class LayerWeights:
     """x @ wk (+ bk) = K before RoPE, x @ wv (+ bv) = V, fp32, for the cached stream x:
     the layer input X (raw, cl) or the latents (wk, wv are then the up factors,
-    down_k/down_v map X to the latents). norm: the layer's RMSNorm weight (cl)."""
+    down_k/down_v map X to the latents). norm: the layer's RMSNorm weight (cl: X = norm ⊙ unit-RMS stream)."""
     wk: Tensor
     wv: Tensor
     bk: Tensor | None = None
@@ -40,16 +40,25 @@ def layer_weights(kind: KVKind, layer, config) -> LayerWeights:
     bk = None if bias is None else bias[hq * d:(hq + hkv) * d].float().contiguous()
     bv = None if bias is None else bias[(hq + hkv) * d:].float().contiguous()
     if kind.family == "xquant-latent":
-        down_k, up_k = latent_factors(wk)
-        down_v, up_v = latent_factors(wv)
+        (down_k, up_k), (down_v, up_v) = scaled_factors(wk), scaled_factors(wv)
         return LayerWeights(up_k, up_v, bk, bv, down_k, down_v)
     return LayerWeights(wk, wv, bk, bv, norm=norm.float() if kind.family == "xquant-cl" else None)
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """The model's RMSNorm in fp32 (statistics in fp32, as forkdec.models does)."""
+def scaled_factors(w: Tensor) -> tuple[Tensor, Tensor]:
+    """latent_factors with the singular values moved into the latent: down = U·Σ, up = Bᵀ.
+    up has orthonormal rows, so a latent's quantization error reaches K or V unamplified;
+    with U·(Σ·Bᵀ) the per-token (V) groups' error was scaled up by the large singular values.
+    Per-channel groups are indifferent (each channel has its own scale)."""
+    down, up = latent_factors(w)
+    s = up.norm(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
+    return (down * s).contiguous(), (up / s[:, None]).contiguous()
+
+
+def unit_rms(x: Tensor, eps: float) -> Tensor:
+    """x / sqrt(mean(x²) + eps) in fp32: the model's RMSNorm without its per-layer weight."""
     xf = x.float()
-    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps))
+    return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
 
 
 def rope_tables(inv_freq: Tensor, max_pos: int) -> tuple[Tensor, Tensor]:
