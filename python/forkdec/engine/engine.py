@@ -69,14 +69,13 @@ class Engine:
         require(tokenizer is not None, "tokenizer", "a model object needs its tokenizer (tokenizer=...)")
         require(isinstance(page_size, int) and page_size >= 1, "page_size", f"must be an int >= 1, got {page_size!r}")
         self.model, self.tokenizer = model, tokenizer
-        cfg = model.config
         self.kv = kv
         self.kv_dtype = model.dtype
         self.page_size, self.page_bytes = kv_page_bytes(kv, model, page_size)
         budget = default_kv_budget() if kv_budget_bytes is None else kv_budget_bytes
         require(isinstance(budget, int) and budget > 0, "kv_budget_bytes", f"must be a positive int, got {budget!r}")
         require(budget >= self.page_bytes, "kv_budget_bytes",
-                f"{budget} bytes hold no page; one page of {page_size} tokens takes {self.page_bytes} bytes")
+                f"{budget} bytes hold no page; one page of {self.page_size} tokens takes {self.page_bytes} bytes")
         self.kv_budget_bytes = budget
         self.max_pages = budget // self.page_bytes
         self.cache: PagedKVCache | None = None

@@ -22,7 +22,7 @@ and its window part and merges the parts' states by LSE:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
