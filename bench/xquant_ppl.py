@@ -76,6 +76,12 @@ def _targets(rows: list[dict]) -> str:
                 pairs.append(f"`{r['kind']}` {d[r['kind']]:+.2%} vs `{twin}` {d[twin]:+.2%} "
                              f"({'XQuant <= KIVI' if d[twin] <= d[r['kind']] else 'KIVI better'})")
     lines.append("- XQuant vs KIVI at equal memory: " + ("; ".join(pairs) or "no pairs measured"))
+    tenx = [r for r in rows if r["frac_2048"] <= 0.1]
+    lines.append("- ~10x smaller than fp16 (<= 10% at 2048): " + ("; ".join(
+        f"`{r['kind']}` {r['frac_2048']:.1%}, ΔPPL {d[r['kind']]:+.2%}" for r in tenx) if tenx else
+        "no kind reaches it: 2-bit codes plus fp16 scale/zero over the 2 x 192 latents (or K/V) already cost "
+        "15.6% of fp16 with no window; going further needs fewer numbers per token (e.g. lower-rank latents), "
+        "not implemented"))
     small = sorted((r for r in rows if r["family"] != "fp"), key=lambda r: r["frac_2048"])[:4]
     lines.append("- Smallest configs (fraction of fp16 at 2048): " + "; ".join(
         f"`{r['kind']}` {r['frac_2048']:.1%} ({1 / r['frac_2048']:.1f}x smaller), ΔPPL {d[r['kind']]:+.2%}"
@@ -133,8 +139,10 @@ def report(rows: list[dict], args: argparse.Namespace, out) -> None:
             + "\n\nBytes per token are exact (forkdec.xquant.accounting.bytes_per_token): codes, fp16 scales and "
               "zeros, and the 16-bit full-precision window (R newest tokens plus the partly filled page) amortized "
               "over the stated context; fp16 K/V of SmolLM2 is 23,040 bytes per token (30 layers x 2 x 192 x 2).\n\n"
+              "'seconds' is wall time per kind on cores shared with other jobs (the load average went from about 13 "
+              "to 3 during the sweep): not a speed measurement.\n\n"
               "## Targets\n\n" + _targets(rows) + "\n\n![Pareto](xquant.png)\n")
-    facts = machine_facts({"torch threads": str(args.threads), "model": "SmolLM2-135M-Instruct Q4_1 GGUF, fp32 compute",
+    facts = machine_facts({"threads": f"{args.threads} (torch.set_num_threads)", "model": "SmolLM2-135M-Instruct Q4_1 GGUF, fp32 compute",
                            "data": os.path.relpath(args.data) if os.path.exists(args.data) else args.data,
                            "load average at the end (1/5/15 min)": " ".join(f"{v:.1f}" for v in os.getloadavg()),
                            "total seconds": f"{sum(r['seconds'] for r in rows):.0f}"})
