@@ -22,6 +22,7 @@ BENCH_AREAS: dict[str, str] = {
     "xquant-attention": "forkdec.bench.xquant_attention",
     "gpu-xquant": "forkdec.bench.gpu_xquant",
     "integrations": "forkdec.bench.integrations",
+    "xquant-ppl": "forkdec.bench.xquant_ppl",
 }
 
 
@@ -43,7 +44,13 @@ def _generate(argv: list[str]) -> int:
     return run(argv)
 
 
-COMMANDS: dict[str, Callable[[list[str]], int]] = {"bench": _bench, "generate": _generate}
+def _eval(argv: list[str]) -> int:
+    from forkdec.eval.cli import run
+
+    return run(argv)
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {"bench": _bench, "eval": _eval, "generate": _generate}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,7 +29,12 @@ def pick_backend(device: torch.device) -> str:
     return names.pop() if len(names) == 1 else "auto"
 
 
-def make_attend(batch: StepBatch, cache: PagedKVCache, *, prefill: bool, backend: str = "auto") -> Attend:
+def make_attend(batch: StepBatch, cache, *, prefill: bool, backend: str = "auto") -> Attend:
+    """The step's attend for `cache`: a quantized cache (forkdec.xquant.cache) builds
+    its own; for a PagedKVCache, append_kv then attention (prefill) or the step's
+    CascadePlan (decode). Output in q's dtype whatever the cache's dtype."""
+    if not isinstance(cache, PagedKVCache):
+        return cache.make_attend(batch, prefill=prefill, backend=backend)
     check = [validation_enabled()]  # cleared after the first layer
     plan = None if prefill else ops.CascadePlan(batch.levels, num_pages=cache.num_pages, page_size=cache.page_size,
                                                 total_q=int(batch.tokens.numel()), backend=backend)
@@ -39,11 +44,11 @@ def make_attend(batch: StepBatch, cache: PagedKVCache, *, prefill: bool, backend
         with validation(check[0]):
             check[0] = False
             ops.append_kv(k_cache, v_cache, k.to(k_cache.dtype), v.to(v_cache.dtype), batch.slots, backend=backend)
-            q = q.to(k_cache.dtype)
+            dtype, q = q.dtype, q.to(k_cache.dtype)
             if prefill:
                 lv = batch.levels[0]
                 return ops.attention(q, lv.qo_indptr, k_cache, v_cache, lv.kv_indptr, lv.kv_indices,
-                                     lv.kv_last_page_len, causal=True, backend=backend)
-            return plan.run(q, k_cache, v_cache)
+                                     lv.kv_last_page_len, causal=True, backend=backend).to(dtype)
+            return plan.run(q, k_cache, v_cache).to(dtype)
 
     return attend

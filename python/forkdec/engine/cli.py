@@ -23,13 +23,15 @@ from forkdec.validation import require
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are ValueErrors, so the CLI prints one line and exits 2."""
+
     def error(self, message: str) -> None:  # one line, exit 2, instead of usage + message
         raise ValueError(message)
 
 
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="forkdec generate", description="Decode N reasoning paths of one prompt and vote.")
+    p = OneLineParser(prog="forkdec generate", description="Decode N reasoning paths of one prompt and vote.")
     p.add_argument("prompt", help="the user message (wrapped in the chat template unless --raw)")
     p.add_argument("-n", type=int, default=16, help="paths to decode (default 16)")
     p.add_argument("--max-new-tokens", type=int, default=256)
@@ -46,6 +48,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", metavar="PATH", help="GGUF file (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="compute dtype (default: the loader's)")
     p.add_argument("--max-kv-bytes", type=int, default=None, help="KV cache budget in bytes")
+    p.add_argument("--kv", default=None, metavar="KIND", help="KV cache kind: fp32, bf16, fp16, xquant-4, "
+                   "xquant-latent-4, xquant-cl-2, kivi-4, ... (default: K/V in the model's dtype)")
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return p
@@ -87,6 +91,9 @@ def run(argv: list[str]) -> int:
     require(args.n >= 1, "n", f"must be >= 1, got {args.n}")
     require(args.first_k is None or args.first_k >= 1, "first-k", f"must be >= 1, got {args.first_k}")
     require(args.max_kv_bytes is None or args.max_kv_bytes > 0, "max-kv-bytes", "must be positive")
+    if args.kv is not None:
+        from forkdec.xquant.kinds import parse_kind
+        parse_kind(args.kv)  # a bad kind fails before the model loads
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                             max_new_tokens=args.max_new_tokens, stop=tuple(args.stop), seed=args.seed)
     model, tokenizer = load(args.model, DTYPES.get(args.dtype))
@@ -94,7 +101,7 @@ def run(argv: list[str]) -> int:
     early = strategies.first_finish_stopper(k) if args.vote == "first-finish" else None
     bar = ProgressBar(sys.stderr, force=False) if not args.no_progress else None
     try:
-        engine = Engine(model, tokenizer=tokenizer, kv_budget_bytes=args.max_kv_bytes)
+        engine = Engine(model, tokenizer=tokenizer, kv_budget_bytes=args.max_kv_bytes, kv=args.kv)
         paths = engine.generate(args.prompt, args.n, params, chat=not args.raw, progress=bar,
                                 early_stop=early)[0]
     except ValueError as e:  # name the option the user typed
@@ -105,13 +112,13 @@ def run(argv: list[str]) -> int:
     vote = strategies.first_finish(paths, k) if args.vote == "first-finish" else strategies.STRATEGIES[args.vote](paths)
     stats = engine.last_stats
     assert stats is not None
-    _print(paths, vote, stats, args.vote)
+    _print(paths, vote, stats, args.vote, args.kv)
     if args.json:
         Path(args.json).write_text(json.dumps(_result(args, params, paths, vote, stats), indent=2))
     return 0
 
 
-def _print(paths: list[Completion], vote: Any, stats: GenerateStats, strategy: str) -> None:
+def _print(paths: list[Completion], vote: Any, stats: GenerateStats, strategy: str, kv: str | None = None) -> None:
     from forkdec.strategies import extract_answer
 
     print(f"{'path':>4}  {'finish':<9} {'tokens':>6}  {'mean lp':>7}  {'answer':<10} text")
@@ -125,7 +132,7 @@ def _print(paths: list[Completion], vote: Any, stats: GenerateStats, strategy: s
     print(f"stats: {len(paths)} paths, {stats.generated_tokens} tokens in {stats.seconds:.2f} s "
           f"({stats.tokens_per_second:.1f} tok/s; prefill {stats.prefill_seconds:.2f} s of "
           f"{sum(stats.prompt_tokens)} prompt tokens; largest batch {stats.max_batch})")
-    print(f"KV: {_mib(stats.kv_bytes_peak)} held at peak, prompt {_mib(stats.kv_bytes_prompts)} stored once; "
+    print(f"KV ({kv or 'model dtype'}): {_mib(stats.kv_bytes_peak)} held at peak, prompt {_mib(stats.kv_bytes_prompts)} stored once; "
           f"per-path prompt copies would need {_mib(stats.kv_bytes_if_copied)}")
 
 

@@ -19,7 +19,7 @@ from torch import Tensor
 import forkdec.ops as ops
 from forkdec.engine.attend import make_attend, pick_backend
 from forkdec.engine.completion import Completion, GenerateStats
-from forkdec.engine.kv_cache import PagedKVCache
+from forkdec.engine.kv_cache import PagedKVCache, kv_page_bytes, make_kv_cache
 from forkdec.engine.metadata import decode_batch, prefill_batch
 from forkdec.engine.params import SamplingParams
 from forkdec.engine.progress import Progress
@@ -53,11 +53,14 @@ class Engine:
         available memory); paths beyond it wait, and a path that cannot fit
         even alone is refused with a ValueError.
     dtype: passed to load_model when the engine loads the model; the KV cache
-        uses the model's dtype.
+        uses the model's dtype unless `kv` says otherwise.
+    kv: cache kind (forkdec.xquant.kinds): None (K/V in the model's dtype), "fp32",
+        "bf16", "fp16", "xquant-4", "xquant-latent-4", "xquant-cl-2", "kivi-4", ...
+        Quantized kinds use their own page size (page_size is then ignored).
     """
 
     def __init__(self, model: Any = None, *, tokenizer: Any = None, kv_budget_bytes: int | None = None,
-                 dtype: torch.dtype | None = None, page_size: int = 16) -> None:
+                 dtype: torch.dtype | None = None, page_size: int = 16, kv: str | None = None) -> None:
         if model is None or isinstance(model, (str, os.PathLike)):
             from forkdec.models import load_model
             model, tokenizer = load_model(None if model is None else os.fspath(model), dtype=dtype)
@@ -66,15 +69,13 @@ class Engine:
         require(tokenizer is not None, "tokenizer", "a model object needs its tokenizer (tokenizer=...)")
         require(isinstance(page_size, int) and page_size >= 1, "page_size", f"must be an int >= 1, got {page_size!r}")
         self.model, self.tokenizer = model, tokenizer
-        cfg = model.config
-        self.page_size = page_size
+        self.kv = kv
         self.kv_dtype = model.dtype
-        self.page_bytes = PagedKVCache.page_bytes(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, page_size,
-                                                  self.kv_dtype)
+        self.page_size, self.page_bytes = kv_page_bytes(kv, model, page_size)
         budget = default_kv_budget() if kv_budget_bytes is None else kv_budget_bytes
         require(isinstance(budget, int) and budget > 0, "kv_budget_bytes", f"must be a positive int, got {budget!r}")
         require(budget >= self.page_bytes, "kv_budget_bytes",
-                f"{budget} bytes hold no page; one page of {page_size} tokens takes {self.page_bytes} bytes")
+                f"{budget} bytes hold no page; one page of {self.page_size} tokens takes {self.page_bytes} bytes")
         self.kv_budget_bytes = budget
         self.max_pages = budget // self.page_bytes
         self.cache: PagedKVCache | None = None
@@ -138,10 +139,8 @@ class Engine:
 
     def _cache_for(self, pages: int) -> PagedKVCache:
         if self.cache is None or self.cache.num_pages < pages:
-            cfg = self.model.config
             self.cache = None  # drop the old cache before allocating its successor
-            self.cache = PagedKVCache(cfg.num_layers, pages, cfg.num_kv_heads, cfg.head_dim,
-                                      page_size=self.page_size, dtype=self.kv_dtype)
+            self.cache = make_kv_cache(self.kv, self.model, pages, page_size=self.page_size)
         return self.cache
 
 
@@ -175,7 +174,7 @@ class _Run:
         self.running: list[PathState] = []
         self.stats = GenerateStats(prompt_tokens=[len(s.token_ids) for s in states],
                                    kv_bytes_per_token=engine.page_bytes // ps)
-        self.backend = pick_backend(self.cache.k.device)
+        self.backend = pick_backend(self.cache.device)
         self.t0 = time.perf_counter()
 
     # ---- loop -----------------------------------------------------------------------------------
@@ -300,7 +299,7 @@ class _Run:
     # ---- reporting -----------------------------------------------------------------------------
     def note_memory(self) -> None:
         pb = self.e.page_bytes
-        held = self.alloc.num_used * pb
+        held = self.cache.bytes_used  # what the cache holds (quantized kinds: codes, scales, window)
         extra = sum((s.running - 1) * len(s.pages) for s in self.states if s.running > 1) * pb
         self.stats.kv_bytes_peak = max(self.stats.kv_bytes_peak, held)
         self.stats.kv_bytes_if_copied = max(self.stats.kv_bytes_if_copied, held + extra)

@@ -7,6 +7,8 @@ need, so a running batch can always grow: the engine never runs out of pages
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 
@@ -16,9 +18,10 @@ from forkdec.validation import require
 class PageAllocator:
     """Free list of page ids plus a count of pages promised to admitted owners."""
 
-    def __init__(self, num_pages: int) -> None:
+    def __init__(self, num_pages: int, on_free: Callable[[list[int]], None] | None = None) -> None:
         require(num_pages >= 0, "num_pages", f"must be >= 0, got {num_pages}")
         self.num_pages = num_pages
+        self.on_free = on_free  # a cache that keeps per-page state (quantized kinds) forgets it here
         self._free = list(range(num_pages - 1, -1, -1))  # pop() hands out low ids first
         self._reserved = 0
 
@@ -59,6 +62,8 @@ class PageAllocator:
         return self._free.pop()
 
     def free(self, pages: list[int]) -> None:
+        if self.on_free is not None:
+            self.on_free(pages)
         self._free.extend(reversed(pages))
         assert len(self._free) <= self.num_pages, "a page was freed twice"
 
@@ -90,6 +95,10 @@ class PagedKVCache:
         return self.k.shape[1]
 
     @property
+    def device(self) -> torch.device:
+        return self.k.device
+
+    @property
     def bytes_per_page(self) -> int:
         return 2 * self.k[:, 0].numel() * self.k.element_size()
 
@@ -103,3 +112,36 @@ class PagedKVCache:
 
     def pages_for(self, tokens: int) -> int:
         return -(-tokens // self.page_size)
+
+
+def make_kv_cache(kv: str | None, model, num_pages: int, *, page_size: int = 16):
+    """The cache of kind `kv` (see forkdec.xquant.kinds; None: K/V in the model's dtype)
+    for `model`: a PagedKVCache for the fp kinds, a QuantizedKVCache otherwise."""
+    from forkdec.xquant.kinds import parse_kind
+
+    cfg = model.config
+    kind = None if kv is None else parse_kind(kv)
+    device = getattr(model, "device", "cpu")  # models outside forkdec.models may not say
+    if kind is None or not kind.quantized:
+        dtype = model.dtype if kind is None else kind.dtype
+        return PagedKVCache(cfg.num_layers, num_pages, cfg.num_kv_heads, cfg.head_dim, page_size=page_size,
+                            dtype=dtype, device=device)
+    from forkdec.xquant.cache import QuantizedKVCache
+
+    return QuantizedKVCache(kind, model, num_pages, device=device)
+
+
+def kv_page_bytes(kv: str | None, model, page_size: int = 16) -> tuple[int, int]:
+    """(page_size, bytes of one page over all layers) for the cache kind `kv`; for
+    quantized kinds the page size is the kind's and the bytes are a quantized page's
+    (the full-precision window, at most R + 2 pages per live sequence, comes on top)."""
+    from forkdec.xquant.kinds import parse_kind
+
+    cfg = model.config
+    kind = None if kv is None else parse_kind(kv)
+    if kind is None or not kind.quantized:
+        dtype = model.dtype if kind is None else kind.dtype
+        return page_size, PagedKVCache.page_bytes(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, page_size, dtype)
+    from forkdec.xquant.cache import QuantizedKVCache
+
+    return kind.page_size(page_size), QuantizedKVCache.page_bytes(kind, cfg)

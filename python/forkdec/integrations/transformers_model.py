@@ -60,7 +60,8 @@ class TransformersModel:
     forward(tokens [T] int64, positions [T] int64, attend, logits_rows [R] | None) -> fp32 [R or T, V];
     attend(layer, q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D]) -> [T, Hq, D], q and k after RoPE,
     in the model's dtype; attends that set `needs_layer_input` also get x= the layer's
-    normed attention input [T, hidden]. The HF modules are held by reference.
+    normed attention input [T, hidden] and residual= its pre-norm residual stream.
+    The HF modules are held by reference.
     """
 
     def __init__(self, hf_model: Any) -> None:
@@ -104,7 +105,7 @@ class TransformersModel:
             q = _rotate(attn.q_proj(h).view(t, hq, d), cos, sin)
             k = _rotate(attn.k_proj(h).view(t, hkv, d), cos, sin)
             v = attn.v_proj(h).view(t, hkv, d)
-            extra = {"x": h} if pass_x else {}
+            extra = {"x": h, "residual": x} if pass_x else {}
             out = attend(i, q.contiguous(), k.contiguous(), v.contiguous(), **extra)
             x = x + attn.o_proj(out.reshape(t, hq * d))
             x = x + layer.mlp(layer.post_attention_layernorm(x))

@@ -50,6 +50,8 @@ class LlamaModel(nn.Module):
     attend(layer, q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D]) -> out [T, Hq, D]
     receives q and k after RoPE, in the model's dtype; it stores k/v wherever
     it keeps its cache and returns attention over the right keys for each row.
+    An attend with `needs_layer_input = True` also gets x= (the layer's
+    post-norm input [T, hidden]) and residual= (the pre-norm residual stream).
     Only the rows `logits_rows` (indices into T) go through the final norm and
     the LM head: prefill usually needs just the last row.
     Weights are created zero-filled; loaders fill them with `load_weights`.
@@ -99,6 +101,8 @@ class LlamaModel(nn.Module):
         # Their inputs come from this model's own tensors, so they skip validation; the
         # caller's attend keeps the caller's setting.
         residual = None
+        # XQuant caches store the layer input instead of K/V: hand it over only to an attend that asks.
+        needs_x = getattr(attend, "needs_layer_input", False)
         with validation(False):
             for i, layer in enumerate(self.layers):
                 if residual is None:
@@ -108,7 +112,7 @@ class LlamaModel(nn.Module):
                 qkv = F.linear(h, layer.qkv, layer.qkv_bias)
                 q, k, v = ops.rope_qkv(qkv, cos, sin, hq, hkv, backend=backend)
                 with validation(checked):
-                    out = attend(i, q, k, v)
+                    out = attend(i, q, k, v, x=h, residual=residual) if needs_x else attend(i, q, k, v)
                 x = F.linear(out.reshape(t, hq * d), layer.o)
                 h, residual = ops.add_rms_norm(x, residual, layer.ffn_norm, eps, backend=backend)
                 x = F.linear(ops.silu_and_mul(F.linear(h, layer.gate_up), backend=backend), layer.down)
@@ -182,13 +186,6 @@ class LlamaModel(nn.Module):
             layer.gate_up.copy_(torch.cat([take(p + "mlp.gate_proj.weight", (inter, h)),
                                            take(p + "mlp.up_proj.weight", (inter, h))]))
             layer.down.copy_(take(p + "mlp.down_proj.weight", (h, inter)))
-
-
-def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    # Statistics in fp32 whatever the model dtype, as the reference implementation does.
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
 
 
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from forkdec.validation import require
-from forkdec.xquant.quantize import QuantizedTensor, dequantize, quantize, validate_format
+from forkdec.xquant.quantize import quantize, unpack_codes, validate_format
 
 
 @dataclass
@@ -59,8 +59,12 @@ class QuantizedPages:
         self.codes[page], self.scale[page], self.zero[page] = qt.codes, qt.scale, qt.zero
 
     def read(self, pages: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-        """Dequantized pages [len(pages), page_size, W]."""
-        return torch.stack([dequantize(QuantizedTensor(self.codes[p], self.scale[p], self.zero[p], self.bits,
-                                                       self.group_size, self.axis, (self.page_size, self.width)),
-                                       dtype) for p in pages.tolist()]) if pages.numel() else \
-            torch.zeros(0, self.page_size, self.width, dtype=dtype, device=self.codes.device)
+        """Dequantized pages [len(pages), page_size, W], all pages in one pass."""
+        idx = pages.to(device=self.codes.device, dtype=torch.long)
+        n, ps, w, g = idx.numel(), self.page_size, self.width, self.group_size
+        codes = unpack_codes(self.codes[idx].reshape(-1, self.codes.shape[-1]), self.bits, g).float()
+        vals = codes * self.scale[idx].reshape(-1, 1).float() + self.zero[idx].reshape(-1, 1).float()
+        if self.axis == "token":
+            return vals.reshape(n, ps, w).to(dtype)
+        # channel groups: per page (token block, channel) pairs, the block's tokens contiguous
+        return vals.reshape(n, ps // g, w, g).transpose(2, 3).reshape(n, ps, w).to(dtype)

@@ -1,0 +1,301 @@
+"""QuantizedKVCache: the engine's cache for the XQuant and KIVI kinds.
+
+Pages are the engine's logical pages (one allocator, page tables as for the
+fp caches). A page is either in full precision, in a slot of the window pool
+(`fp[stream] [layers, slots, page_size, W]`, 16-bit), or quantized in
+`qpages[layer][stream]` at its own index. New tokens always land in window
+pages; after the last layer of a step, every sequence the step touched moves
+its oldest full window pages to quantized storage while R + page_size or more
+of its tokens are in the window, so the newest R tokens (at least) stay in
+full precision and quantized pages always precede a sequence's window pages.
+
+Attention splits every level's page table of a step into its quantized part
+and its window part and merges the parts' states by LSE:
+- xquant, xquant-latent: `ops.xquant_attention` reads quantized and window
+  pages directly (K, V rematerialized inside the kernel);
+- kivi: quantized K/V pages are dequantized and go through `ops.attention`
+  (no fused kernel for KIVI yet), window pages go to `ops.attention` as they are;
+- xquant-cl: the stream is the residual stream scaled to unit RMS per token
+  (RMSNorm without its weight; X = weight_l ⊙ it). Per step, a workspace
+  accumulates the dequantized deltas of the quantized pages layer by layer
+  (closed loop); X from it goes to `ops.xquant_attention` as float pages.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+import forkdec.ops as ops
+from forkdec.engine.kv_cache import PageAllocator
+from forkdec.validation import require, validation, validation_enabled
+from forkdec.xquant.accounting import stream_widths, window_dtype
+from forkdec.xquant.kinds import KVKind
+from forkdec.xquant.pages import QuantizedPages
+from forkdec.xquant.weights import layer_weights, rope_tables, unit_rms
+
+
+@dataclass
+class _Part:
+    """The quantized or the window part of one cascade level, for every request."""
+    quantized: bool
+    qo_indptr: Tensor
+    kv_indptr: Tensor
+    kv_indices: Tensor          # logical pages (quantized) or window slots
+    kv_last_page_len: Tensor
+    kv_start_pos: Tensor
+    causal: bool
+    gather: Tensor | None = None  # unique pages/slots read, when the family gathers them
+    local: Tensor | None = None   # kv_indices renumbered into `gather`
+
+
+@dataclass
+class _Step:
+    rows: Tensor                        # [T] rows of the window pool (slot * page_size + offset)
+    parts: list[_Part]
+    sequences: list[tuple[list[int], int]]  # per request: (window pages in order, window tokens)
+    cl_acc: Tensor | None = None        # xquant-cl: accumulated residual stream of the quantized pages read
+    cl_pages: Tensor | None = None
+    layer: int = -1
+
+
+class QuantizedKVCache:
+    """A quantized cache of `kind` for a forkdec.models model (weights read once).
+
+    num_pages: logical pages (page_size = kind.page_size()). The engine hands
+    `make_attend` a StepBatch per step; `bytes_used` is what the cache holds now.
+    """
+
+    def __init__(self, kind: KVKind, model, num_pages: int, *, device: torch.device | str = "cpu") -> None:
+        require(kind.quantized, "kv", f"{kind.name!r} is not a quantized kind")
+        require(num_pages >= 1, "num_pages", f"must be >= 1, got {num_pages}")
+        cfg = model.config
+        self.kind, self.config, self.device = kind, cfg, torch.device(device)
+        self.page_size = p = kind.page_size()
+        self.streams = stream_widths(kind, cfg)
+        self.dtype = window_dtype(kind, model.dtype)
+        self.num_layers = cfg.num_layers
+        self.weights = [layer_weights(kind, layer, cfg) for layer in model.layers]
+        self.eps = cfg.rms_norm_eps
+        self.rope_cos, self.rope_sin = rope_tables(model.inv_freq, cfg.max_position_embeddings)
+        self.allocator = PageAllocator(num_pages, on_free=self._forget)
+        self.qpages = [{name: QuantizedPages.empty(num_pages, p, w, kind.bits, kind.group_size, axis, device)
+                        for name, w, axis in self.streams} for _ in range(self.num_layers)]
+        self.fp = {name: torch.empty(self.num_layers, 0, p, w, dtype=self.dtype, device=device)
+                   for name, w, _ in self.streams}
+        self.slot_of = torch.full((num_pages,), -1, dtype=torch.long)
+        self.quant = torch.zeros(num_pages, dtype=torch.bool)
+        self.start_pos = torch.zeros(num_pages, dtype=torch.long)
+        self._free_slots: list[int] = []
+
+    # ---- memory ---------------------------------------------------------------------------------
+    @staticmethod
+    def page_bytes(kind: KVKind, config) -> int:
+        """Bytes of one quantized page across all layers and streams."""
+        p = kind.page_size()
+        return config.num_layers * sum(p * w * kind.bits // 8 + 4 * p * w // kind.group_size
+                                       for _, w, _ in stream_widths(kind, config))
+
+    @property
+    def num_pages(self) -> int:
+        return self.slot_of.numel()
+
+    @property
+    def window_page_bytes(self) -> int:
+        return sum(t[:, 0].numel() * t.element_size() for t in self.fp.values())
+
+    @property
+    def bytes_used(self) -> int:
+        """Bytes held now: quantized pages (codes, scales, zeros) plus window slots in use."""
+        quant = sum(qp.nbytes_per_page() for layer in self.qpages for qp in layer.values())
+        slots = self.fp[self.streams[0][0]].shape[1] - len(self._free_slots)
+        return int(self.quant.sum()) * quant + slots * self.window_page_bytes
+
+    # ---- window slots ---------------------------------------------------------------------------
+    def _slot(self) -> int:
+        if not self._free_slots:  # grow the pool (doubling); slots are only handed out between steps
+            old = self.fp[self.streams[0][0]].shape[1]
+            new = max(4, 2 * old)
+            for name, t in self.fp.items():
+                self.fp[name] = torch.cat([t, t.new_empty(t.shape[0], new - old, *t.shape[2:])], dim=1)
+            self._free_slots = list(range(new - 1, old - 1, -1))
+        return self._free_slots.pop()
+
+    def _forget(self, pages: list[int]) -> None:
+        for page in pages:
+            slot = int(self.slot_of[page])
+            if slot >= 0:
+                self._free_slots.append(slot)
+            self.slot_of[page] = -1
+            self.quant[page] = False
+
+    # ---- a step ---------------------------------------------------------------------------------
+    def make_attend(self, batch, *, prefill: bool = False, backend: str = "auto"):
+        """attend(layer, q, k, v, x=, residual=) for one step of `batch` (a StepBatch):
+        writes the step's tokens into window pages, attends over quantized and
+        window parts, and after the last layer flushes what left the window."""
+        step = self._prepare(batch)
+        check = [validation_enabled()]
+
+        def attend(layer: int, q: Tensor, k: Tensor, v: Tensor, x: Tensor | None = None,
+                   residual: Tensor | None = None) -> Tensor:
+            with validation(check[0]):
+                check[0] = False
+                self._write(layer, step, k, v, x, residual)
+                out = self._attend(layer, q, step, backend)
+            if layer == self.num_layers - 1:
+                self._flush(step)
+            return out
+
+        attend.needs_layer_input = True  # the model passes x (post-norm) and residual (pre-norm)
+        return attend
+
+    def _prepare(self, batch) -> _Step:
+        p = self.page_size
+        slots = batch.slots.long().cpu()
+        pages, offs = slots // p, slots % p
+        for page in torch.unique(pages).tolist():
+            require(not bool(self.quant[page]), "slots", f"page {page} is quantized and cannot take new tokens")
+            if int(self.slot_of[page]) < 0:
+                self.slot_of[page] = self._slot()
+        self.start_pos[pages] = batch.positions.long().cpu() - offs
+        rows = self.slot_of[pages] * p + offs
+        quant, slot_of, start = self.quant.tolist(), self.slot_of.tolist(), self.start_pos.tolist()
+        parts, sequences = [], []
+        for lv in batch.levels:
+            require(lv.custom_mask is None, "levels", "quantized caches do not take custom masks yet")
+            indptr, idx, last = lv.kv_indptr.tolist(), lv.kv_indices.tolist(), lv.kv_last_page_len.tolist()
+            qtab: list[list[int]] = []
+            ftab: list[list[int]] = []
+            flast, qstart, fstart = [], [], []
+            for b in range(len(indptr) - 1):
+                pg = idx[indptr[b]:indptr[b + 1]]
+                nq = 0
+                while nq < len(pg) and quant[pg[nq]]:
+                    nq += 1
+                qtab.append(pg[:nq])
+                ftab.append([slot_of[g] for g in pg[nq:]])
+                flast.append(last[b] if len(pg) > nq else 0)
+                qstart.append(start[pg[0]] if nq else 0)
+                fstart.append(start[pg[nq]] if len(pg) > nq else 0)
+                sequences.append((pg[nq:], (len(pg) - nq - 1) * p + last[b] if len(pg) > nq else 0))
+            if any(qtab):
+                parts.append(self._part(True, lv.qo_indptr, qtab, [p if t else 0 for t in qtab], qstart, False))
+            if any(ftab):
+                parts.append(self._part(False, lv.qo_indptr, ftab, flast, fstart, lv.causal))
+        step = _Step(rows, parts, sequences)
+        if self.kind.family == "xquant-cl":
+            step.cl_pages = torch.unique(torch.cat([pt.kv_indices.long() for pt in parts if pt.quantized]
+                                                   or [torch.zeros(0, dtype=torch.long)]))
+            for pt in parts:
+                if pt.quantized:  # renumber into the step's workspace of quantized pages
+                    pt.gather, pt.local = step.cl_pages, torch.searchsorted(step.cl_pages, pt.kv_indices.long()).int()
+        return step
+
+    def _part(self, quantized: bool, qo_indptr: Tensor, table: list[list[int]], last: list[int],
+              start: list[int], causal: bool) -> _Part:
+        i32 = torch.int32
+        counts = torch.tensor([len(t) for t in table], dtype=torch.long)
+        indptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(i32)
+        indices = torch.tensor([g for t in table for g in t], dtype=i32)
+        part = _Part(quantized, qo_indptr.to(i32), indptr, indices, torch.tensor(last, dtype=i32),
+                     torch.tensor(start, dtype=torch.int64), causal)
+        if self.kind.family == "kivi" and quantized or self.kind.family == "xquant-cl" and not quantized:
+            part.gather, inverse = torch.unique(indices.long(), return_inverse=True)
+            part.local = inverse.to(i32)
+        return part
+
+    # ---- per layer ------------------------------------------------------------------------------
+    def _write(self, layer: int, step: _Step, k: Tensor, v: Tensor, x: Tensor | None,
+               residual: Tensor | None) -> None:
+        family, w = self.kind.family, self.weights[layer]
+        if family == "kivi":
+            values = {"k": k.reshape(k.shape[0], -1), "v": v.reshape(v.shape[0], -1)}
+        else:
+            require(x is not None and (family != "xquant-cl" or residual is not None), "x",
+                    f"{self.kind.name} caches need the layer input: call attend(layer, q, k, v, x=, residual=)")
+            if family == "xquant":
+                values = {"x": x}
+            elif family == "xquant-cl":
+                values = {"x": unit_rms(residual, self.eps)}
+            else:
+                xf = x.float()
+                values = {"k": xf @ w.down_k, "v": xf @ w.down_v}
+        for name, val in values.items():
+            pool = self.fp[name][layer]
+            pool.view(-1, pool.shape[-1])[step.rows] = val.to(self.dtype)
+
+    def _attend(self, layer: int, q: Tensor, step: _Step, backend: str) -> Tensor:
+        if self.kind.family == "xquant-cl":
+            require(layer == step.layer + 1, "layer", "xquant-cl caches need the layers in order")
+            read = self.qpages[layer]["x"].read(step.cl_pages)
+            step.cl_acc = read if step.cl_acc is None else step.cl_acc + read
+        step.layer = layer
+        outs, lses = [], []
+        for part in step.parts:
+            o, lse = self._attend_part(layer, q, part, step, backend)
+            outs.append(o.float())
+            lses.append(lse)
+        if len(outs) == 1:
+            return outs[0].to(q.dtype)
+        out, _ = ops.merge_states(torch.stack(outs, 1), torch.stack(lses, 1), backend=backend)
+        return out.to(q.dtype)
+
+    def _attend_part(self, layer: int, q: Tensor, part: _Part, step: _Step, backend: str) -> tuple[Tensor, Tensor]:
+        family, w = self.kind.family, self.weights[layer]
+        if family == "kivi":
+            hkv, d = self.config.num_kv_heads, self.config.head_dim
+            if part.quantized:
+                kc = self.qpages[layer]["k"].read(part.gather)
+                vc = self.qpages[layer]["v"].read(part.gather)
+                indices = part.local
+            else:
+                kc, vc, indices = self.fp["k"][layer], self.fp["v"][layer], part.kv_indices
+            shape = (kc.shape[0], self.page_size, hkv, d)
+            qq = q.to(kc.dtype)
+            return ops.attention(qq, part.qo_indptr, kc.view(shape), vc.view(shape), part.kv_indptr, indices,
+                                 part.kv_last_page_len, causal=part.causal, return_lse=True, backend=backend)
+        indices = part.kv_indices
+        if family == "xquant-cl":
+            u = step.cl_acc if part.quantized else self.fp["x"][layer][part.gather].float()
+            xk = xv = u * w.norm  # X = RMSNorm_l(residual) = weight_l ⊙ unit-RMS stream
+            indices = part.local
+        elif part.quantized:
+            xk, xv = (self.qpages[layer]["x"],) * 2 if family == "xquant" else (self.qpages[layer]["k"],
+                                                                                self.qpages[layer]["v"])
+        else:
+            xk, xv = (self.fp["x"][layer],) * 2 if family == "xquant" else (self.fp["k"][layer], self.fp["v"][layer])
+        return ops.xquant_attention(q, part.qo_indptr, xk, xv, part.kv_indptr, indices, part.kv_last_page_len,
+                                    part.kv_start_pos, w.wk, w.wv, self.rope_cos, self.rope_sin, bk=w.bk, bv=w.bv,
+                                    causal=part.causal, return_lse=True, backend=backend)
+
+    # ---- after the last layer -------------------------------------------------------------------
+    def _flush(self, step: _Step) -> None:
+        limit = self.kind.residual + self.page_size
+        for pages, tokens in step.sequences:
+            for page in pages:
+                if tokens < limit:
+                    break
+                if not bool(self.quant[page]):  # a prompt's pages appear once per group of its paths
+                    self._quantize_page(page)
+                tokens -= self.page_size
+
+    def _quantize_page(self, page: int) -> None:
+        slot = int(self.slot_of[page])
+        if self.kind.family == "xquant-cl":
+            # Closed loop: each layer stores x_l minus the reconstruction of the layers below it.
+            acc = None
+            for layer in range(self.num_layers):
+                qp = self.qpages[layer]["x"]
+                x = self.fp["x"][layer, slot].float()
+                qp.write(page, x if acc is None else x - acc)
+                deq = qp.read(torch.tensor([page]))[0]
+                acc = deq if acc is None else acc + deq
+        else:
+            for layer in range(self.num_layers):
+                for name, qp in self.qpages[layer].items():
+                    qp.write(page, self.fp[name][layer, slot].float())
+        self.quant[page] = True
+        self.slot_of[page] = -1
+        self._free_slots.append(slot)
