@@ -130,10 +130,11 @@ class _LayerInputAttend(ContiguousAttention):
 
     def __init__(self, num_layers):
         super().__init__(num_layers)
-        self.inputs = {}
+        self.inputs, self.residuals = {}, {}
 
-    def __call__(self, layer, q, k, v, *, x):
+    def __call__(self, layer, q, k, v, *, x, residual):
         self.inputs[layer] = x
+        self.residuals[layer] = residual
         return super().__call__(layer, q, k, v)
 
 
@@ -145,9 +146,11 @@ def test_layer_input_is_passed_when_asked():
     got = adapter(ids, torch.arange(4), attend)
     torch.testing.assert_close(got, adapter(ids, torch.arange(4), ContiguousAttention(2)), atol=0, rtol=0)
     with torch.no_grad():
-        expected = model.model.layers[0].input_layernorm(model.model.embed_tokens(ids))
+        embedded = model.model.embed_tokens(ids)
+        expected = model.model.layers[0].input_layernorm(embedded)
     assert set(attend.inputs) == {0, 1} and attend.inputs[0].shape == (4, 128)
     torch.testing.assert_close(attend.inputs[0], expected, atol=0, rtol=0)
+    torch.testing.assert_close(attend.residuals[0], embedded, atol=0, rtol=0)  # the stream before layer 0
 
 
 class _ByteTok:

@@ -53,7 +53,7 @@ def expected_kv(kind, model, layer, xs, residuals, ks, vs, nq, positions):
     bk = 0 if lay.qkv_bias is None else lay.qkv_bias[hq * d:(hq + hkv) * d].float()
     bv = 0 if lay.qkv_bias is None else lay.qkv_bias[(hq + hkv) * d:].float()
     r16 = lambda t: t.half().float()  # noqa: E731  the window's storage rounding
-    cos, sin = model._rope(positions)
+    cos, sin = (t[:, None, :] for t in model._rope_angles(positions))  # fp32 [T, 1, D/2]
 
     def keys(x, w, b):
         return _rotate((x @ w + b).view(-1, hkv, d), cos.float(), sin.float())
