@@ -54,6 +54,33 @@ def run_engine(engine: Any, prompt: str, n: int, max_new: int, temperature: floa
             "acceptance": s.draft_acceptance, "drafts": s.draft_tokens}
 
 
+def _self_attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Attention over the fed tokens only: the step-cost probe needs the linear layers' cost, which dominates."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    out = torch.nn.functional.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1))
+    return out.transpose(0, 1)
+
+
+def step_costs(model: Any, sizes: list[int]) -> dict[int, float]:
+    """Median seconds of a forward that feeds T tokens (all rows' logits, as a verification step needs)."""
+    from forkdec.bench.common import time_interleaved
+
+    def forward(t: int):
+        tokens, positions = torch.randint(0, 1000, (t,)), torch.arange(100, 100 + t)
+        return lambda: model.forward(tokens, positions, _self_attend)
+
+    with torch.inference_mode():
+        return time_interleaved({t: forward(t) for t in sizes}, rounds=5, min_seconds=0.02)
+
+
+def fit_line(costs: dict[int, float]) -> tuple[float, float]:
+    n = len(costs)
+    mt, ms = sum(costs) / n, sum(costs.values()) / n
+    b = sum((t - mt) * (s - ms) for t, s in costs.items()) / sum((t - mt) ** 2 for t in costs)
+    return ms - b * mt, b
+
+
 def llama_cpp_peer(prompt_ids: list[int], max_new: int) -> dict | str:
     """The peer's result dict, or why it is missing."""
     try:
@@ -92,6 +119,12 @@ def run(argv: list[str] | None = None) -> int:
     prompts = {"gsm8k": question, "code": CODE_PROMPT}
     run_engine(engine, "Hello", 2, 8, 0.0, "ngram")  # warm-up: thread pools, first-call costs
 
+    sizes = [1, 2, 4, 8, 16, 32, 64, 96]
+    costs = step_costs(engine.model, sizes)
+    a, b = fit_line(costs)
+    cost_rows = [[str(t), f"{costs[t] * 1e3:.1f}", f"{costs[t] / costs[1]:.2f}"] for t in sizes]
+    print(cost_rows, a, b)
+
     greedy_rows, greedy = [], {}
     for name, prompt in prompts.items():
         off = run_engine(engine, prompt, 1, args.max_new_tokens, 0.0, "off")
@@ -120,8 +153,13 @@ def run(argv: list[str] | None = None) -> int:
                          "tree steps", "llama.cpp tok/s"], greedy_rows)
     t2 = markdown_table(["n", "off tok/s", "adaptive tok/s", "adaptive/off", "tokens/path-step", "tree steps",
                          "always-verify tok/s", "always/off", "always tokens/path-step"], batch_rows)
+    t0 = markdown_table(["tokens fed T", "forward ms", "vs T=1"], cost_rows)
+    crossover = ", ".join(f"n={n}: {b * n / (a + b * n):.2f}" for n in [1, 4, 16, 64])
     body = (f"Targets: {TARGETS}.\n\nTokens/s are generated tokens over decode seconds (prefill excluded), "
             f"aggregate over paths. 'tokens/step' = tokens a path gains per decode step (1.0 = no gain).\n\n"
+            f"## Step cost vs tokens fed (the model's forward, all rows' logits)\n\n{t0}\n\n"
+            f"Fit: a = {a * 1e3:.1f} ms + b = {b * 1e3:.2f} ms per token. A draft node pays for its verification "
+            f"when its acceptance probability exceeds about b*n / (a + b*n): {crossover}.\n\n"
             f"## n = 1, greedy, {args.max_new_tokens} new tokens\n\n{t1}\n\n"
             f"## GSM8K question, temperature 0.7, {args.batch_max_new_tokens} new tokens per path\n\n{t2}\n")
     facts = machine_facts({"model": "SmolLM2-135M-Instruct Q4_1 GGUF (embedded)",
@@ -130,7 +168,8 @@ def run(argv: list[str] | None = None) -> int:
                            "note": "one run per cell on a shared 2-core machine (other jobs were running)"})
     out = results_dir(args.out) / "speculative.md"
     write_report(out, "Speculative decoding (n-gram tree drafts) in the engine", facts, body)
-    (out.with_suffix(".json")).write_text(json.dumps({"greedy": greedy, "batch": batch}, indent=2))
+    (out.with_suffix(".json")).write_text(json.dumps({"step_cost": {"a": a, "b": b, "by_tokens": costs},
+                                                     "greedy": greedy, "batch": batch}, indent=2))
     return 0
 
 

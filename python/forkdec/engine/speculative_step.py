@@ -96,7 +96,7 @@ class Speculator:
             stats.decode_seconds += time.perf_counter() - t0  # drafting time; plain_step adds its own
             plain_step()
             stats.path_step_tokens += stats.generated_tokens - before
-            self.control.observe(len(paths), time.perf_counter() - t0)
+            self.control.observe(len(paths), time.perf_counter() - t0, stats.generated_tokens - before)
             return
         trees = split_trees(ranked, k, len(paths))
         batch = tree_batch(paths, trees, run.alloc, ps)
@@ -116,7 +116,7 @@ class Speculator:
         stats.path_step_tokens += emitted
         seconds = time.perf_counter() - t0
         stats.decode_seconds += seconds
-        self.control.observe(int(batch.tokens.numel()), seconds, predicted=sum(r.score for r in ranked[:k]),
+        self.control.observe(int(batch.tokens.numel()), seconds, emitted, predicted=sum(r.score for r in ranked[:k]),
                              accepted=int(accepted.sum()), tree=True)
 
     def verify(self, run: "_Run", tree: TreeInputs, logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
