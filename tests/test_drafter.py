@@ -6,7 +6,7 @@ import random
 import pytest
 
 from forkdec.engine import SamplingParams
-from forkdec.engine.drafter import NgramTable, rank_nodes, split_trees
+from forkdec.engine.drafter import AcceptanceModel, NgramTable, rank_nodes, split_trees
 from forkdec.engine.spec_control import SpeculationControl, StepCostModel
 
 
@@ -14,10 +14,10 @@ def test_table_predicts_from_the_longest_context_seen():
     t = NgramTable(order=3)
     t.extend([1, 2, 3, 1, 2, 4, 9, 2, 5])
     # context (1, 2) was followed by 3 and by 4; the order-1 context (2,) also by 5
-    assert t.continuations([7, 1, 2]) == [(3, 1 / 3), (4, 1 / 3)]
-    assert t.continuations([7, 9, 2]) == [(5, 1 / 2)]          # (9, 2) seen once
-    assert t.continuations([8, 8, 2]) == [(3, 1 / 4), (4, 1 / 4), (5, 1 / 4)]  # falls back to (2,)
-    assert t.continuations([8]) == []
+    assert t.continuations([7, 1, 2]) == (2, [(3, 1 / 3), (4, 1 / 3)])
+    assert t.continuations([7, 9, 2]) == (2, [(5, 1 / 2)])          # (9, 2) seen once
+    assert t.continuations([8, 8, 2]) == (1, [(3, 1 / 4), (4, 1 / 4), (5, 1 / 4)])  # falls back to (2,)
+    assert t.continuations([8]) == (0, [])
 
 
 def test_extend_counts_only_new_tokens_with_their_contexts():
@@ -83,6 +83,20 @@ def test_a_prefix_of_the_ranking_is_a_set_of_trees():
                 kids[p].add(tok)
 
 
+def test_acceptance_model_learns_per_kind_rates_from_tried_nodes():
+    m = AcceptanceModel(prior=2.0)
+    assert m.estimate((3, True), 0.5) == 0.5                    # nothing measured: the frequency
+    # a chain 0 <- 1 <- 2 and a sibling 3 of node 0: 0 and 1 accepted, so 0, 1, 2 and 3 were tried
+    for _ in range(10):
+        m.update([(3, True), (3, True), (3, True), (1, False)], [-1, 0, 1, -1], [0, 1])
+    assert m.tried[(3, True)] == 30 and m.accepted[(3, True)] == 20
+    assert m.tried[(1, False)] == 10 and m.accepted.get((1, False), 0) == 0
+    assert m.estimate((3, True), 0.5) == pytest.approx((20 + 1) / 32)
+    assert m.estimate((1, False), 0.5) == pytest.approx(1 / 12)
+    m.update([(2, True), (2, True)], [-1, 0], [])             # root child rejected: its child never tried
+    assert m.tried[(2, True)] == 1
+
+
 @pytest.mark.parametrize("kw, name", [(dict(speculate="eagle"), "speculate"), (dict(draft_budget=0), "draft_budget"),
                                       (dict(draft_depth=0), "draft_depth"), (dict(draft_budget=2.5), "draft_budget"),
                                       (dict(draft_adaptive=1), "draft_adaptive")])
@@ -106,14 +120,18 @@ def test_cost_model_recovers_a_line_and_needs_spread():
     assert m.fit() is None
     for t in (12, 20, 30):
         m.observe(t, 0.02 + 0.001 * t)
-    a, b = m.fit()
-    assert a == pytest.approx(0.02) and b == pytest.approx(0.001)
+    a, o, b = m.fit()
+    assert a == pytest.approx(0.02) and o == pytest.approx(0.0, abs=1e-9) and b == pytest.approx(0.001)
+    for t in (9, 17, 25):   # verification steps: 3 ms more than their size alone
+        m.observe(t, 0.023 + 0.001 * t, tree=True)
+    a, o, b = m.fit()
+    assert (a, o, b) == (pytest.approx(0.02), pytest.approx(0.003), pytest.approx(0.001))
 
 
 def _trained(a, b, batch):
     c = SpeculationControl()
     for t in (batch, batch + 8, batch + 16, batch, batch + 24):
-        c.observe(t, a + b * t, emitted=batch)
+        c.observe(t, a + b * t, emitted=batch, tree=t > batch)
     return c
 
 
@@ -145,17 +163,20 @@ def _run(control, steps, plain_rate, tree_rate, scores=(0.9, 0.8, 0.7)):
 
 def test_measured_losing_trees_switch_speculation_off_with_rarer_retries():
     c = SpeculationControl()
+    c.observe(4, 0.01, emitted=4)                      # one plain step measured
     kinds = _run(c, 200, plain_rate=400, tree_rate=300)
-    assert kinds[:3] == [True, True, False]               # both kinds measured first
-    retries = [i for i, t in enumerate(kinds) if t][2:]
-    assert 2 <= len(retries) <= 6                          # 8, 16, 32, 64 steps apart
+    assert kinds[:4] == [True] * 4                     # min_samples tree steps before the net may act
+    retries = [i for i, t in enumerate(kinds) if t][4:]
+    assert 2 <= len(retries) <= 9                      # 8, 16, 32, 32, ... steps apart
     gaps = [b - a for a, b in zip(retries, retries[1:])]
-    assert gaps == sorted(gaps) and gaps[-1] <= 65
+    assert gaps == sorted(gaps) and gaps[-1] <= 33
 
 
 def test_measured_winning_trees_keep_speculation_on():
-    kinds = _run(SpeculationControl(), 200, plain_rate=400, tree_rate=700)
-    assert sum(kinds) > 190
+    c = SpeculationControl()
+    c.observe(4, 0.01, emitted=4)
+    kinds = _run(c, 200, plain_rate=400, tree_rate=700)
+    assert all(kinds)
 
 
 def test_calibration_follows_measured_acceptance():

@@ -32,7 +32,7 @@ from torch import Tensor
 
 import forkdec.ops as ops
 from forkdec.engine.attend import make_attend
-from forkdec.engine.drafter import NgramTable, rank_nodes, split_trees
+from forkdec.engine.drafter import AcceptanceModel, NgramTable, rank_nodes, split_trees
 from forkdec.engine.metadata import TreeInputs, tree_batch
 from forkdec.engine.spec_control import SpeculationControl
 from forkdec.engine.state import PathState, PromptState
@@ -50,6 +50,7 @@ class Speculator:
         p = run.params
         self.budget, self.depth = p.draft_budget, p.draft_depth
         self.control = SpeculationControl(adaptive=p.draft_adaptive)
+        self.acceptance = AcceptanceModel()
         self.tables: dict[int, NgramTable] = {}          # id(PromptState) -> its table
         self.counted: dict[int, tuple[PathState, int]] = {}  # id(PathState) -> (path, tokens already counted)
 
@@ -87,7 +88,7 @@ class Speculator:
         # room: slots the path's pages and reservation still hold after the root; depth: tokens left - 1
         room = [(len(p.pages) + p.reserved) * ps - p.kv_len - 1 for p in paths]
         depth = [min(self.depth, max_new - len(p.token_ids) - 1) for p in paths]
-        ranked = rank_nodes(tables, tails, room, depth, self.budget)
+        ranked = rank_nodes(tables, tails, room, depth, self.budget, acceptance=self.acceptance)
         k = self.control.choose(len(paths), [r.score for r in ranked])
         stats = run.stats
         stats.path_steps += len(paths)
@@ -107,6 +108,8 @@ class Speculator:
         assert tree is not None
         accepted, nodes, bonus = self.verify(run, tree, logits)
         keep_accepted_kv(run, paths, tree, nodes, accepted)
+        for t, nd, n in zip(trees, nodes.tolist(), accepted.tolist()):
+            self.acceptance.update(t.kinds, t.parents, nd[:n])
         emitted = self.emit(run, paths, tree, logits, nodes, accepted, bonus)
         stats.decode_steps += 1
         stats.speculative_steps += 1
