@@ -9,7 +9,8 @@ SmolLM2-135M-Instruct (the embedded GGUF), the engine's default dtype, chat temp
   never slower than off by more than 5%.
 - Peer at n = 1: llama.cpp through `bench/llama_cpp_peer.py` (another branch's
   module, imported lazily), reported as not available when it is missing.
-One run per cell (the machine is shared with other jobs: read the ratios with that in mind).
+Each cell is run --rounds times (default 3), the cells interleaved, and the median
+run reported: the machine is shared with other jobs, so read ratios with that in mind.
 """
 from __future__ import annotations
 
@@ -38,6 +39,17 @@ def gsm8k_question(path: str) -> tuple[str, str]:
         return FALLBACK_QUESTION, f"{path} missing: a fixed built-in GSM8K-style question"
     first = json.loads(next(line for line in p.read_text().splitlines() if line.strip()))
     return first["question"], "GSM8K test question 1"
+
+
+def run_cells(engine: Any, cells: dict[str, dict], prompt: str, n: int, max_new: int, temperature: float,
+              rounds: int) -> dict[str, dict]:
+    """Each cell (a run_engine keyword set) `rounds` times, the cells interleaved so that a noisy
+    neighbour hurts all alike; per cell the run with the median tokens/s."""
+    runs: dict[str, list[dict]] = {name: [] for name in cells}
+    for _ in range(rounds):
+        for name, kw in cells.items():
+            runs[name].append(run_engine(engine, prompt, n, max_new, temperature, **kw))
+    return {name: sorted(r, key=lambda x: x["tok_s"])[len(r) // 2] for name, r in runs.items()}
 
 
 def run_engine(engine: Any, prompt: str, n: int, max_new: int, temperature: float, speculate: str,
@@ -102,14 +114,19 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", default="4,16,64", help="path counts for the sampled rows")
     parser.add_argument("--batch-max-new-tokens", type=int, default=128, help="new tokens per path at n > 1")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="engine dtype (default: loader's)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's); 1 keeps timings stable on a shared machine")
+    parser.add_argument("--rounds", type=int, default=3, help="runs per cell, interleaved; the median is reported")
     parser.add_argument("--no-peer", action="store_true")
     parser.add_argument("--quick", action="store_true", help="64 new tokens, n 4,16")
     parser.add_argument("--data", default=str(Path(__file__).resolve().parents[1].parent / "shared/data/gsm8k/test.jsonl"))
     parser.add_argument("--out", help="results folder (default: bench/results in a checkout)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.max_new_tokens, args.batch_max_new_tokens, args.n = 64, 32, "4,16"
+        args.max_new_tokens, args.batch_max_new_tokens, args.n, args.rounds = 64, 32, "4,16", 1
     ns = [int(v) for v in args.n.split(",")]
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     from forkdec.engine import Engine
 
@@ -127,8 +144,9 @@ def run(argv: list[str] | None = None) -> int:
 
     greedy_rows, greedy = [], {}
     for name, prompt in prompts.items():
-        off = run_engine(engine, prompt, 1, args.max_new_tokens, 0.0, "off")
-        on = run_engine(engine, prompt, 1, args.max_new_tokens, 0.0, "ngram")
+        cells = run_cells(engine, {"off": dict(speculate="off"), "ngram": dict(speculate="ngram")}, prompt, 1,
+                          args.max_new_tokens, 0.0, args.rounds)
+        off, on = cells["off"], cells["ngram"]
         greedy[name] = {"off": off, "ngram": on}
         peer = "skipped" if args.no_peer else llama_cpp_peer(engine.encode(prompt), args.max_new_tokens)
         peer_cell = f"{peer['tok_s']:.1f}" if isinstance(peer, dict) else peer
@@ -139,9 +157,10 @@ def run(argv: list[str] | None = None) -> int:
 
     batch_rows, batch = [], {}
     for n in ns:
-        off = run_engine(engine, question, n, args.batch_max_new_tokens, 0.7, "off")
-        adaptive = run_engine(engine, question, n, args.batch_max_new_tokens, 0.7, "ngram")
-        fixed = run_engine(engine, question, n, args.batch_max_new_tokens, 0.7, "ngram", adaptive=False)
+        cells = run_cells(engine, {"off": dict(speculate="off"), "adaptive": dict(speculate="ngram"),
+                                   "fixed": dict(speculate="ngram", adaptive=False)}, question, n,
+                          args.batch_max_new_tokens, 0.7, args.rounds)
+        off, adaptive, fixed = cells["off"], cells["adaptive"], cells["fixed"]
         batch[n] = {"off": off, "adaptive": adaptive, "fixed": fixed}
         batch_rows.append([str(n), f"{off['tok_s']:.1f}", f"{adaptive['tok_s']:.1f}",
                            f"{adaptive['tok_s'] / off['tok_s']:.2f}x", f"{adaptive['per_step']:.2f}",
@@ -164,8 +183,10 @@ def run(argv: list[str] | None = None) -> int:
             f"## GSM8K question, temperature 0.7, {args.batch_max_new_tokens} new tokens per path\n\n{t2}\n")
     facts = machine_facts({"model": "SmolLM2-135M-Instruct Q4_1 GGUF (embedded)",
                            "engine dtype": str(engine.kv_dtype), "data": data_note,
-                           "settings": "draft_budget 24, draft_depth 8, n-gram order 4, seed 0, ignore_eos",
-                           "note": "one run per cell on a shared 2-core machine (other jobs were running)"})
+                           "settings": "draft_budget 24, draft_depth 8, n-gram order 4, seed 0, ignore_eos, "
+                                       f"{torch.get_num_threads()} torch thread(s)",
+                           "note": f"median of {args.rounds} interleaved run(s) per cell on a shared 2-core machine "
+                                   "(other jobs were running: read ratios with that in mind)"})
     out = results_dir(args.out) / "speculative.md"
     write_report(out, "Speculative decoding (n-gram tree drafts) in the engine", facts, body)
     (out.with_suffix(".json")).write_text(json.dumps({"step_cost": {"a": a, "b": b, "by_tokens": costs},

@@ -176,7 +176,8 @@ def test_measured_winning_trees_keep_speculation_on():
     c = SpeculationControl()
     c.observe(4, 0.01, emitted=4)
     kinds = _run(c, 200, plain_rate=400, tree_rate=700)
-    assert all(kinds)
+    assert 180 < sum(kinds) < 200                     # a plain step every 16 keeps the comparison honest
+    assert all(kinds[:16])
 
 
 def test_calibration_follows_measured_acceptance():

@@ -68,13 +68,15 @@ class SpeculationControl:
     once `min_samples` tree steps are in: while trees measure more than
     `margin` below plain steps, steps go plain, and a tree step is re-tried
     every `explore` steps, an interval that doubles (up to `max_explore`) each
-    time the re-try confirms it and drops back when the trees win again.
+    time the re-try confirms it and drops back when the trees win again; while
+    trees win, a plain step every `plain_every` steps keeps the comparison current.
     adaptive=False verifies every node the budget took (the fixed policy, for
     comparisons).
     """
 
     def __init__(self, adaptive: bool = True, window: int = 48, prior_tokens: float = 2.0, explore: int = 8,
-                 max_explore: int = 32, smoothing: float = 0.3, min_samples: int = 4, margin: float = 0.1) -> None:
+                 max_explore: int = 32, smoothing: float = 0.3, min_samples: int = 4, margin: float = 0.02,
+                 plain_every: int = 16) -> None:
         self.adaptive = adaptive
         self.cost = StepCostModel(window)
         # calibration: accepted draft tokens / the sum of the verified nodes' scores, over recent tree steps,
@@ -85,7 +87,7 @@ class SpeculationControl:
         self.since: dict[bool, int] = {False: 0, True: 0}                # steps since the last plain, tree step
         self.min_explore, self.explore, self.max_explore = explore, explore, max_explore
         self.smoothing = smoothing
-        self.min_samples, self.margin = min_samples, margin
+        self.min_samples, self.margin, self.plain_every = min_samples, margin, plain_every
         self.samples = {False: 0, True: 0}  # steps measured of each kind
         self.losing = False                 # the safety net holds speculation off
 
@@ -116,13 +118,15 @@ class SpeculationControl:
             return len(scores)
         k = self.model_choice(batch, scores)
         plain, tree = self.rate[False], self.rate[True]
-        if self.samples[True] < self.min_samples or plain is None or tree is None:
+        if self.samples[True] < self.min_samples or tree is None:
             return k
+        if plain is None:
+            return 0  # the net needs a plain step to compare with
         losing = tree < (1 - self.margin) * plain
         if losing != self.losing:  # the net switched: re-try soon
             self.losing, self.explore = losing, self.min_explore
-        if not losing:
-            return k
+        if not losing:  # keep the plain rate current: the cost model may favour trees wrongly
+            return 0 if self.since[False] >= self.plain_every else k
         return (k or len(scores)) if self.since[True] >= self.explore else 0
 
     def observe(self, tokens_fed: int, seconds: float, emitted: int, predicted: float = 0.0, accepted: int = 0,
