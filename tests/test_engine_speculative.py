@@ -218,8 +218,9 @@ def test_real_model_greedy_speculation_equals_plain_greedy(dtype):
                "List the numbers from 1 to 40, separated by commas."]
     base = SamplingParams(temperature=0, max_new_tokens=128, ignore_eos=True)
     plain = eng.generate(prompts, n=1, params=base)
+    # a fixed budget (every step verifies what the drafter found), small to keep the fp32 forward cheap
     spec = eng.generate(prompts, n=1, params=SamplingParams(**{**base.__dict__, "speculate": "ngram",
-                                                                "draft_adaptive": False}))
+                                                                "draft_adaptive": False, "draft_budget": 12}))
     for s, p in zip(spec, plain):
         assert s[0].token_ids == p[0].token_ids
     assert eng.last_stats.tokens_per_path_step > 1.3, eng.last_stats
@@ -242,3 +243,11 @@ def test_cli_reports_speculation(monkeypatch, tmp_path, capsys):
     assert "--speculate" in capsys.readouterr().err
     assert main(["generate", "hi", "--speculate", "ngram", "--draft-budget", "0"]) == 2
     assert "draft_budget" in capsys.readouterr().err
+
+
+def test_generate_refuses_a_draft_tree_deeper_than_the_context():
+    eng = engine()  # context 512
+    with pytest.raises(ValueError, match="^draft_depth:"):
+        eng.generate("abc", params=SamplingParams(speculate="ngram", draft_depth=600, max_new_tokens=4), chat=False)
+    with pytest.raises(ValueError, match="^speculate:"):
+        SamplingParams(speculate="lookahead")
