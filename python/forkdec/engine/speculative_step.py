@@ -79,6 +79,7 @@ class Speculator:
 
     # ---- one step ---------------------------------------------------------------------------
     def step(self, run: "_Run", plain_step: Callable[[], None]) -> None:
+        """One decode step of every running path: a tree step, or `plain_step` when no draft pays."""
         t0 = time.perf_counter()
         paths = list(run.running)
         self.observe(paths)
