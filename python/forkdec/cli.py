@@ -18,6 +18,7 @@ BENCH_AREAS: dict[str, str] = {
     "engine": "forkdec.bench.engine",
     "model": "forkdec.bench.model",
     "speculative-verify": "forkdec.bench.speculative_verify",
+    "speculative": "forkdec.bench.speculative",
     "gpu-speculative": "forkdec.bench.gpu_speculative",
     "xquant-attention": "forkdec.bench.xquant_attention",
     "gpu-xquant": "forkdec.bench.gpu_xquant",

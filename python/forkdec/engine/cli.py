@@ -50,6 +50,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-kv-bytes", type=int, default=None, help="KV cache budget in bytes")
     p.add_argument("--kv", default=None, metavar="KIND", help="KV cache kind: fp32, bf16, fp16, xquant-4, "
                    "xquant-latent-4, xquant-cl-2, kivi-4, ... (default: K/V in the model's dtype)")
+    p.add_argument("--speculate", choices=["off", "ngram"], default="off",
+                   help="ngram: draft token trees from the prompt and sibling paths, verify them in one pass")
+    p.add_argument("--draft-budget", type=int, default=SamplingParams.draft_budget,
+                   help="speculation: most draft tokens verified per step over all paths")
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return p
@@ -95,7 +99,8 @@ def run(argv: list[str]) -> int:
         from forkdec.xquant.kinds import parse_kind
         parse_kind(args.kv)  # a bad kind fails before the model loads
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
-                            max_new_tokens=args.max_new_tokens, stop=tuple(args.stop), seed=args.seed)
+                            max_new_tokens=args.max_new_tokens, stop=tuple(args.stop), seed=args.seed,
+                            speculate=args.speculate, draft_budget=args.draft_budget)
     model, tokenizer = load(args.model, DTYPES.get(args.dtype))
     k = args.first_k or max(1, args.n // 4)
     early = strategies.first_finish_stopper(k) if args.vote == "first-finish" else None
@@ -132,6 +137,10 @@ def _print(paths: list[Completion], vote: Any, stats: GenerateStats, strategy: s
     print(f"stats: {len(paths)} paths, {stats.generated_tokens} tokens in {stats.seconds:.2f} s "
           f"({stats.tokens_per_second:.1f} tok/s; prefill {stats.prefill_seconds:.2f} s of "
           f"{sum(stats.prompt_tokens)} prompt tokens; largest batch {stats.max_batch})")
+    if stats.path_steps:
+        print(f"speculation: {stats.tokens_per_path_step:.2f} tokens per path per step; "
+              f"{stats.speculative_steps} of {stats.decode_steps} steps verified drafts, "
+              f"{stats.accepted_draft_tokens} of {stats.draft_tokens} draft tokens accepted")
     print(f"KV ({kv or 'model dtype'}): {_mib(stats.kv_bytes_peak)} held at peak, prompt {_mib(stats.kv_bytes_prompts)} stored once; "
           f"per-path prompt copies would need {_mib(stats.kv_bytes_if_copied)}")
 
@@ -144,7 +153,8 @@ def _result(args: argparse.Namespace, params: SamplingParams, paths: list[Comple
         "prompt": args.prompt, "n": args.n, "model": args.model or "default (SmolLM2-135M-Instruct GGUF)",
         "params": {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k,
                    "min_p": params.min_p, "max_new_tokens": params.max_new_tokens, "stop": list(params.stop),
-                   "seed": params.seed, "chat": not args.raw},
+                   "seed": params.seed, "chat": not args.raw, "speculate": params.speculate,
+                   "draft_budget": params.draft_budget},
         "paths": [{"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason,
                    "cumulative_logprob": c.cumulative_logprob if math.isfinite(c.cumulative_logprob) else None,
                    "finish_order": c.finish_order,
@@ -155,5 +165,8 @@ def _result(args: argparse.Namespace, params: SamplingParams, paths: list[Comple
                   "tokens_per_second": stats.tokens_per_second, "prefill_seconds": stats.prefill_seconds,
                   "prompt_tokens": stats.prompt_tokens[0], "decode_steps": stats.decode_steps,
                   "max_batch": stats.max_batch, "kv_bytes_peak": stats.kv_bytes_peak,
-                  "kv_bytes_prompt": stats.kv_bytes_prompts, "kv_bytes_if_copied": stats.kv_bytes_if_copied},
+                  "kv_bytes_prompt": stats.kv_bytes_prompts, "kv_bytes_if_copied": stats.kv_bytes_if_copied,
+                  "speculative_steps": stats.speculative_steps, "draft_tokens": stats.draft_tokens,
+                  "accepted_draft_tokens": stats.accepted_draft_tokens,
+                  "tokens_per_path_step": stats.tokens_per_path_step},
     }

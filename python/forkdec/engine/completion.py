@@ -41,6 +41,12 @@ class GenerateStats:
     kv_bytes_if_copied: int = 0     # the same step if every path held its own copy of its prompt
     kv_bytes_prompts: int = 0       # the prompts' pages, held once each
     max_batch: int = 0
+    # speculative decoding (SamplingParams.speculate); zero without it
+    speculative_steps: int = 0      # steps that verified draft trees
+    draft_tokens: int = 0           # draft tokens verified
+    accepted_draft_tokens: int = 0  # of which accepted
+    path_steps: int = 0             # sum over steps (tree or plain) of the paths decoded in them
+    path_step_tokens: int = 0       # tokens those steps emitted
 
     @property
     def seconds(self) -> float:
@@ -49,3 +55,13 @@ class GenerateStats:
     @property
     def tokens_per_second(self) -> float:
         return self.generated_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def tokens_per_path_step(self) -> float:
+        """Tokens a path gained per decode step (1 without speculation; accepted drafts + 1 with it)."""
+        return self.path_step_tokens / self.path_steps if self.path_steps else 1.0
+
+    @property
+    def draft_acceptance(self) -> float:
+        """Fraction of verified draft tokens that were accepted (0 without speculation)."""
+        return self.accepted_draft_tokens / self.draft_tokens if self.draft_tokens else 0.0

@@ -23,6 +23,7 @@ from forkdec.engine.kv_cache import PagedKVCache, kv_page_bytes, make_kv_cache
 from forkdec.engine.metadata import decode_batch, prefill_batch
 from forkdec.engine.params import SamplingParams
 from forkdec.engine.progress import Progress
+from forkdec.engine.speculative_step import Speculator
 from forkdec.engine.state import PathState, PromptState
 from forkdec.engine.stops import StopChecker
 from forkdec.validation import require
@@ -175,6 +176,10 @@ class _Run:
         self.stats = GenerateStats(prompt_tokens=[len(s.token_ids) for s in states],
                                    kv_bytes_per_token=engine.page_bytes // ps)
         self.backend = pick_backend(self.cache.device)
+        # Tree verification writes draft K/V and keeps the accepted rows in place: fp pages only for now.
+        require(params.speculate == "off" or isinstance(self.cache, PagedKVCache), "speculate",
+                f"speculative decoding needs a full-precision K/V cache; kv={engine.kv!r} is quantized")
+        self.speculator = Speculator(self) if params.speculate != "off" else None
         self.t0 = time.perf_counter()
 
     # ---- loop -----------------------------------------------------------------------------------
@@ -237,6 +242,12 @@ class _Run:
         self.stats.decode_seconds += time.perf_counter() - t
 
     def step(self) -> None:
+        if self.speculator is not None:
+            self.speculator.step(self, self.plain_step)
+        else:
+            self.plain_step()
+
+    def plain_step(self) -> None:
         t = time.perf_counter()
         batch = decode_batch(self.running, self.alloc, self.e.page_size)
         self.note_memory()

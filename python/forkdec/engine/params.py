@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from forkdec.engine.drafter import DRAFTERS
 from forkdec.validation import require
 
 
@@ -19,6 +20,15 @@ class SamplingParams:
     stop_token_ids: extra token ids that end a path; the model's EOS ids always
         do unless ignore_eos.
     seed: seeds the engine's generator, so a call is reproducible; None = fresh randomness.
+    speculate: "off", or "ngram": draft token trees from an n-gram table of the
+        prompt and all its paths and verify them in one forward per step
+        (docs/speculative.md); the output is distributed exactly as without it
+        (token for token the same at temperature 0).
+    draft_budget: most draft tokens verified per step over the whole batch (>= 1).
+    draft_depth: deepest draft tree (>= 1); prompt + 1 + draft_depth must fit the context.
+    draft_adaptive: verify only as many drafts as the measured step cost and
+        acceptance make worth it (none when they do not pay); False verifies
+        every draft the budget takes.
     """
     temperature: float = 1.0
     top_p: float = 1.0
@@ -29,6 +39,10 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
     seed: int | None = None
+    speculate: str = "off"
+    draft_budget: int = 24
+    draft_depth: int = 8
+    draft_adaptive: bool = True
 
     def __post_init__(self) -> None:
         # Lists are accepted for convenience and frozen to tuples so params stay hashable.
@@ -56,6 +70,11 @@ class SamplingParams:
                     f"token ids must be ints >= 0, got {i!r}")
         require(self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)), "seed",
                 f"must be an int or None, got {self.seed!r}")
+        require(self.speculate in DRAFTERS, "speculate", f"unknown drafter {self.speculate!r}; one of {DRAFTERS}")
+        for name in ("draft_budget", "draft_depth"):
+            v = getattr(self, name)
+            require(isinstance(v, int) and not isinstance(v, bool) and v >= 1, name, f"must be an int >= 1, got {v!r}")
+        require(isinstance(self.draft_adaptive, bool), "draft_adaptive", f"must be a bool, got {self.draft_adaptive!r}")
 
     def check_fits(self, prompt_len: int, context: int, which: str = "prompt") -> None:
         """ValueError naming max_new_tokens if a path of a prompt of `prompt_len`
@@ -63,3 +82,7 @@ class SamplingParams:
         require(prompt_len + self.max_new_tokens <= context, "max_new_tokens",
                 f"{which} has {prompt_len} tokens; {prompt_len} + max_new_tokens {self.max_new_tokens} "
                 f"exceeds the model's context of {context} positions")
+        if self.speculate != "off":  # a verification step feeds the root and a tree up to draft_depth deep
+            require(prompt_len + 1 + self.draft_depth <= context, "draft_depth",
+                    f"{which} has {prompt_len} tokens; a draft tree {self.draft_depth} deep after them "
+                    f"exceeds the model's context of {context} positions")
