@@ -18,10 +18,13 @@ from forkdec.xquant.kinds import KVKind, parse_kind
 def stream_widths(kind: KVKind, config) -> list[tuple[str, int, str]]:
     """(name, width, axis) of each stream a layer caches for `kind` and a model
     config; ValueError naming `kv` if a token-axis width is not a multiple of
-    the group size."""
+    the group size or a latent rank exceeds the KV width."""
     kv_width = config.num_kv_heads * config.head_dim
+    full = min(config.hidden_size, kv_width)  # the rank of Wk and Wv
+    require(kind.rank <= full, "kv", f"{kind.name!r}: latent rank {kind.rank} exceeds the KV width {full}")
+    lat = kind.rank or full
     width = {"xquant": {"x": config.hidden_size}, "xquant-cl": {"x": config.hidden_size},
-             "xquant-latent": {"k": min(config.hidden_size, kv_width), "v": min(config.hidden_size, kv_width)},
+             "xquant-latent": {"k": lat, "v": lat},
              "kivi": {"k": kv_width, "v": kv_width}}.get(kind.family, {"k": kv_width, "v": kv_width})
     streams = [(name, width[name], axis) for name, axis in kind.streams] or [("k", kv_width, ""), ("v", kv_width, "")]
     for name, w, axis in streams:
