@@ -55,7 +55,7 @@ def _row(kind: str, r, config) -> dict:
 
     k = parse_kind(kind)
     return {"kind": kind, "family": k.family, "bits": k.bits, "group": k.group_size, "residual": k.residual,
-            "rank": k.rank,
+            "rank": k.rank, "rank_v": k.rank_v,
             "ppl": r.ppl, "nll": r.nll, "tokens": r.tokens, "windows": r.windows, "seconds": r.seconds,
             "frac_2048": fp16_fraction(kind, config, 2048), "frac_8192": fp16_fraction(kind, config, 8192),
             "bytes_2048": fp16_fraction(kind, config, 2048) * 4 * config.num_layers * config.num_kv_heads

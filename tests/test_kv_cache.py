@@ -73,11 +73,11 @@ def expected_kv(kind, model, layer, xs, residuals, ks, vs, nq, positions):
         (dk, uk), (dv, uv) = latent_factors(wk), latent_factors(wv)
         if kind.calibrated:  # factors from the stored moments (checked on their own in test_kv_calibration)
             m = getattr(lay, ATTR)
-            (dk, uk), (dv, uv) = calibrated_factors(wk, kind.rank, m), calibrated_factors(wv, kind.rank, m)
+            (dk, uk), (dv, uv) = calibrated_factors(wk, kind.rank, m), calibrated_factors(wv, kind.rank_v, m)
         elif kind.rank:  # truncated: the top-R singular directions (latent_factors sorts them descending)
-            r = kind.rank
+            r, rv = kind.rank, kind.rank_v
             assert float(uk.norm(dim=1)[r - 1]) >= float(uk.norm(dim=1)[r])
-            dk, uk, dv, uv = dk[:, :r], uk[:r], dv[:, :r], uv[:r]
+            dk, uk, dv, uv = dk[:, :r], uk[:r], dv[:, :rv], uv[:rv]
         sk, sv = uk.norm(dim=1), uv.norm(dim=1)  # the cache caches X·U·Σ and maps back with Bᵀ
         dk, uk, dv, uv = dk * sk, uk / sk[:, None], dv * sv, uv / sv[:, None]
         lk, lv = r16(xs[layer].float() @ dk), r16(xs[layer].float() @ dv)
@@ -151,7 +151,8 @@ def drive(kind_name: str, bias: bool = False, model: LlamaModel | None = None):
 
 
 @pytest.mark.parametrize("kind", ["xquant-4-r64", "xquant-8-r0", "xquant-latent-3-g32-r64", "xquant-latent-2-r0",
-                                  "xquant-latent-3-k32-g32-r64", "xquant-cl-2-r0", "xquant-cl-4-g32-r64", "kivi-2-r64", "kivi-4-g32-r0"])
+                                  "xquant-latent-3-k32-g32-r64", "xquant-latent-2-k48-v32-g32-r0",
+                                  "xquant-cl-2-r0", "xquant-cl-4-g32-r64", "kivi-2-r64", "kivi-4-g32-r0"])
 def test_cache_attends_over_what_it_must_hold(kind):
     assert drive(kind) > 0  # some pages were quantized
 

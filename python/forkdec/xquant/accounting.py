@@ -21,10 +21,10 @@ def stream_widths(kind: KVKind, config) -> list[tuple[str, int, str]]:
     the group size or a latent rank exceeds the KV width."""
     kv_width = config.num_kv_heads * config.head_dim
     full = min(config.hidden_size, kv_width)  # the rank of Wk and Wv
-    require(kind.rank <= full, "kv", f"{kind.name!r}: latent rank {kind.rank} exceeds the KV width {full}")
-    lat = kind.rank or full
+    require(max(kind.rank, kind.rank_v) <= full, "kv",
+            f"{kind.name!r}: latent rank {max(kind.rank, kind.rank_v)} exceeds the KV width {full}")
     width = {"xquant": {"x": config.hidden_size}, "xquant-cl": {"x": config.hidden_size},
-             "xquant-latent": {"k": lat, "v": lat},
+             "xquant-latent": {"k": kind.rank or full, "v": kind.rank_v or full},
              "kivi": {"k": kv_width, "v": kv_width}}.get(kind.family, {"k": kv_width, "v": kv_width})
     streams = [(name, width[name], axis) for name, axis in kind.streams] or [("k", kv_width, ""), ("v", kv_width, "")]
     for name, w, axis in streams:

@@ -45,9 +45,10 @@ def layer_weights(kind: KVKind, layer, config) -> LayerWeights:
             moment = getattr(layer, ATTR, None)
             require(moment is not None, "model", f"{kind.name!r} needs a calibrated model: call "
                     "forkdec.xquant.calibration.calibrate(model, tokens) first")
-            (down_k, up_k), (down_v, up_v) = (calibrated_factors(w, kind.rank, moment) for w in (wk, wv))
+            (down_k, up_k), (down_v, up_v) = (calibrated_factors(w, r, moment)
+                                              for w, r in ((wk, kind.rank), (wv, kind.rank_v)))
         else:
-            (down_k, up_k), (down_v, up_v) = scaled_factors(wk, kind.rank), scaled_factors(wv, kind.rank)
+            (down_k, up_k), (down_v, up_v) = scaled_factors(wk, kind.rank), scaled_factors(wv, kind.rank_v)
         return LayerWeights(up_k, up_v, bk, bv, down_k, down_v)
     return LayerWeights(wk, wv, bk, bv, norm=norm.float() if kind.family == "xquant-cl" else None)
 
