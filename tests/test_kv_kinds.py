@@ -114,3 +114,6 @@ def test_latent_rank_bytes_by_hand():
     assert bytes_per_token("xquant-latent-3-k64", SMOL, 2048) == pytest.approx(expect, rel=1e-12)
     # K rank 128, V rank 64, 2-bit g64, no window: (128 + 64) x (2/8 + 4/64) bytes per layer
     assert bytes_per_token("xquant-latent-2-k128-v64-r0-cal", SMOL, 2048) == 30 * (32 + 8 + 16 + 4)
+    # K rank 53 (any width on the channel axis): 53 x 2/8 = 13.25 code bytes and 53 x 4/64 scale/zero
+    # bytes per token are fractional; whole 64-token pages hold 848 + 212 bytes
+    assert bytes_per_token("xquant-latent-2-k53-v192-r0", SMOL, 2048) == 30 * (53 + 192) * (2 / 8 + 4 / 64)

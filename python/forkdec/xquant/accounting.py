@@ -61,7 +61,8 @@ def bytes_held(kind: KVKind | str, config, context_len: int, *, page_size: int =
     for _, w, _ in stream_widths(kind, config):
         per_layer += -(-fp_tokens // p) * p * w * fp_el
         if kind.quantized:
-            per_layer += (context_len - fp_tokens) * (w * kind.bits // 8 + 4 * w // kind.group_size)
+            # whole pages are quantized: a page's codes are exact bytes even when a token's are not
+            per_layer += (context_len - fp_tokens) // p * (p * w * kind.bits // 8 + 4 * p * w // kind.group_size)
     return config.num_layers * per_layer
 
 
