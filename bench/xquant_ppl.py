@@ -26,8 +26,11 @@ SWEEP = ["fp32", "bf16", "fp16", "xquant-8", "xquant-4", "xquant-3", "xquant-2",
          "xquant-latent-4-g32", "kivi-4-g32", "xquant-latent-4-r64", "kivi-4-r64", "xquant-latent-3-g32",
          "kivi-3-g32", "xquant-latent-2-g32", "kivi-2-g32", "xquant-latent-2-r0", "kivi-2-r0", "xquant-cl-2-r0",
          # ~10x smaller: rank-truncated latents (-kR) at <= 10% of fp16 at 2048
-         "xquant-latent-2-k96-g32-r0", "xquant-latent-4-k64-r0", "xquant-latent-3-k64-g32-r64",
-         "xquant-latent-3-k64"]
+         # (plain SVD truncation, then activation-calibrated -cal; V needs more rank than K)
+         "xquant-latent-2-k96-g32-r0", "xquant-latent-2-k96-g32-r0-cal", "xquant-latent-4-k64-r0-cal",
+         "xquant-latent-3-k64-g32-r64-cal", "xquant-latent-2-k53-v192-r0-cal", "xquant-latent-2-k40-v160-g32-r0-cal",
+         "xquant-latent-3-k47-v128-r0-cal", "xquant-latent-3-k61-v128-g128-r0-cal",
+         "xquant-latent-2-k145-v128-g128-r0-cal"]
 MARKERS = {"fp": "o", "xquant": "s", "xquant-latent": "^", "xquant-cl": "D", "kivi": "x"}
 
 
