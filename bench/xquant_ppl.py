@@ -147,6 +147,9 @@ def report(rows: list[dict], args: argparse.Namespace, out) -> None:
             + "\n\nBytes per token are exact (forkdec.xquant.accounting.bytes_per_token): codes, fp16 scales and "
               "zeros, and the 16-bit full-precision window (R newest tokens plus the partly filled page) amortized "
               "over the stated context; fp16 K/V of SmolLM2 is 23,040 bytes per token (30 layers x 2 x 192 x 2).\n\n"
+              "`-cal` kinds (lower-rank latents chosen from activations, forkdec.xquant.calibration) are "
+              "calibrated on the 4,096 tokens that follow the scored windows in the same file (row field "
+              "calib_tokens): disjoint from every scored token, but in-domain.\n\n"
               "'seconds' is wall time per kind on cores shared with other jobs (the load average went from about 13 "
               "to 3 during the sweep): not a speed measurement.\n\n"
               "## Targets\n\n" + _targets(rows) + "\n\n![Pareto](xquant.png)\n")
