@@ -189,7 +189,8 @@ def run(argv: list[str] | None = None) -> int:
                            progress=lambda i, n, p, k=kind: print(f"  {k}: window {i}/{n}, ppl {p:.3f} "
                                                                   f"({time.perf_counter() - t0:.0f} s)",
                                                                   file=sys.stderr, flush=True))
-            rows.append({**_row(kind, r, model.config), "calib_tokens": args.calib_tokens if kind.endswith("-cal") else 0})
+            calib = args.calib_tokens if kind.endswith("-cal") else 0
+            rows.append({**_row(kind, r, model.config), "calib_tokens": calib})
             print(f"{kind}: ppl {r.ppl:.4f} over {r.tokens} predictions in {r.seconds:.0f} s", flush=True)
             store.write_text(json.dumps({"settings": settings, "rows": rows}, indent=1))
     report(rows, args, out)

@@ -10,7 +10,8 @@ full-precision tokens, a multiple of the page size; 0 turns it off), e.g.
 only the top-R singular directions of Wk and of Wv, so each latent is R wide
 instead of the KV width (K and V become rank-R approximations; R at most the
 KV width, checked against a model config by accounting.stream_widths), e.g.
-`xquant-latent-3-k96-r0`; `-vR` then gives V its own rank (`-k128-v64`). A trailing `-cal` picks the R directions from the
+`xquant-latent-3-k96-r0`; `-vR` then gives V its own rank (`-k128-v64`).
+A trailing `-cal` picks the R directions from the
 model's activations instead (forkdec.xquant.calibration; the model must be
 calibrated first), e.g. `xquant-latent-2-k96-g32-r0-cal`. What each family quantizes along which axis is in
 STREAMS; docs/xquant.md explains the choices.
@@ -80,7 +81,8 @@ def parse_kind(name: str) -> KVKind:
         return KVKind(name, "fp", dtype=FP_KINDS[name])
     m = _NAME.match(name)
     require(m is not None, "kv", f"unknown cache kind {name!r}; expected one of {', '.join(FP_KINDS)}, "
-            "xquant-B, xquant-latent-B, xquant-cl-B, kivi-B (B = bits), optionally -gG (group), -rR (window) and, for latents, -kR, -vR (ranks) and -cal")
+            "xquant-B, xquant-latent-B, xquant-cl-B, kivi-B (B = bits), optionally -gG (group), -rR (window) "
+            "and, for latents, -kR, -vR (ranks) and -cal")
     family, bits = m.group(1), int(m.group(2))
     require(bits in FAMILY_BITS[family], "kv", f"{name!r}: {family} supports bits {FAMILY_BITS[family]}, got {bits}")
     opts: dict[str, int] = {}
