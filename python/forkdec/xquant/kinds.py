@@ -11,10 +11,10 @@ only the top-R singular directions of Wk and of Wv, so each latent is R wide
 instead of the KV width (K and V become rank-R approximations; R at most the
 KV width, checked against a model config by accounting.stream_widths), e.g.
 `xquant-latent-3-k96-r0`; `-vR` then gives V its own rank (`-k128-v64`).
-A trailing `-cal` picks the R directions from the
-model's activations instead (forkdec.xquant.calibration; the model must be
-calibrated first), e.g. `xquant-latent-2-k96-g32-r0-cal`. What each family quantizes along which axis is in
-STREAMS; docs/xquant.md explains the choices.
+A trailing `-cal` picks the R directions from the model's activations instead
+(forkdec.xquant.calibration; the model must be calibrated first), e.g.
+`xquant-latent-2-k96-g32-r0-cal`. What each family quantizes along which axis
+is in STREAMS; docs/xquant.md explains the choices.
 """
 from __future__ import annotations
 
