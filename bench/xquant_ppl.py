@@ -24,7 +24,13 @@ SWEEP = ["fp32", "bf16", "fp16", "xquant-8", "xquant-4", "xquant-3", "xquant-2",
          "xquant-cl-4", "xquant-cl-3", "xquant-cl-2", "kivi-4", "kivi-3", "kivi-2",
          # near the targets: smaller groups, smaller or no window
          "xquant-latent-4-g32", "kivi-4-g32", "xquant-latent-4-r64", "kivi-4-r64", "xquant-latent-3-g32",
-         "kivi-3-g32", "xquant-latent-2-g32", "kivi-2-g32", "xquant-latent-2-r0", "kivi-2-r0", "xquant-cl-2-r0"]
+         "kivi-3-g32", "xquant-latent-2-g32", "kivi-2-g32", "xquant-latent-2-r0", "kivi-2-r0", "xquant-cl-2-r0",
+         # ~10x smaller: rank-truncated latents (-kR) at <= 10% of fp16 at 2048
+         # (plain SVD truncation, then activation-calibrated -cal; V needs more rank than K)
+         "xquant-latent-2-k96-g32-r0", "xquant-latent-2-k96-g32-r0-cal", "xquant-latent-4-k64-r0-cal",
+         "xquant-latent-3-k64-g32-r64-cal", "xquant-latent-2-k53-v192-r0-cal", "xquant-latent-2-k40-v160-g32-r0-cal",
+         "xquant-latent-3-k47-v128-r0-cal", "xquant-latent-3-k61-v128-g128-r0-cal",
+         "xquant-latent-2-k145-v128-g128-r0-cal"]
 MARKERS = {"fp": "o", "xquant": "s", "xquant-latent": "^", "xquant-cl": "D", "kivi": "x"}
 
 
@@ -36,6 +42,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--window", type=int, default=2048)
     p.add_argument("--chunk", type=int, default=128)
     p.add_argument("--kinds", default=",".join(SWEEP), help="comma-separated cache kinds")
+    p.add_argument("--calib-tokens", type=int, default=4096,
+                   help="-cal kinds: tokens after the scored windows that calibrate the latent ranks (default 4096)")
     p.add_argument("--resume", action="store_true", help="keep rows of xquant.json measured with the same settings")
     p.add_argument("--report-only", action="store_true", help="rewrite xquant.md/png from xquant.json")
     p.add_argument("--threads", type=int, default=1,
@@ -50,6 +58,7 @@ def _row(kind: str, r, config) -> dict:
 
     k = parse_kind(kind)
     return {"kind": kind, "family": k.family, "bits": k.bits, "group": k.group_size, "residual": k.residual,
+            "rank": k.rank, "rank_v": k.rank_v,
             "ppl": r.ppl, "nll": r.nll, "tokens": r.tokens, "windows": r.windows, "seconds": r.seconds,
             "frac_2048": fp16_fraction(kind, config, 2048), "frac_8192": fp16_fraction(kind, config, 8192),
             "bytes_2048": fp16_fraction(kind, config, 2048) * 4 * config.num_layers * config.num_kv_heads
@@ -76,12 +85,11 @@ def _targets(rows: list[dict]) -> str:
                 pairs.append(f"`{r['kind']}` {d[r['kind']]:+.2%} vs `{twin}` {d[twin]:+.2%} "
                              f"({'XQuant <= KIVI' if d[twin] <= d[r['kind']] else 'KIVI better'})")
     lines.append("- XQuant vs KIVI at equal memory: " + ("; ".join(pairs) or "no pairs measured"))
-    tenx = [r for r in rows if r["frac_2048"] <= 0.1]
-    lines.append("- ~10x smaller than fp16 (<= 10% at 2048): " + ("; ".join(
+    tenx = sorted((r for r in rows if r["frac_2048"] <= 0.1), key=lambda r: d[r["kind"]])
+    lines.append("- ~10x smaller than fp16 (<= 10% at 2048), best first: " + ("; ".join(
         f"`{r['kind']}` {r['frac_2048']:.1%}, ΔPPL {d[r['kind']]:+.2%}" for r in tenx) if tenx else
         "no kind reaches it: 2-bit codes plus fp16 scale/zero over the 2 x 192 latents (or K/V) already cost "
-        "15.6% of fp16 with no window; going further needs fewer numbers per token (e.g. lower-rank latents), "
-        "not implemented"))
+        "15.6% of fp16 with no window; going further needs fewer numbers per token (lower-rank latents, -kR)"))
     small = sorted((r for r in rows if r["family"] != "fp"), key=lambda r: r["frac_2048"])[:4]
     lines.append("- Smallest configs (fraction of fp16 at 2048): " + "; ".join(
         f"`{r['kind']}` {r['frac_2048']:.1%} ({1 / r['frac_2048']:.1f}x smaller), ΔPPL {d[r['kind']]:+.2%}"
@@ -139,6 +147,9 @@ def report(rows: list[dict], args: argparse.Namespace, out) -> None:
             + "\n\nBytes per token are exact (forkdec.xquant.accounting.bytes_per_token): codes, fp16 scales and "
               "zeros, and the 16-bit full-precision window (R newest tokens plus the partly filled page) amortized "
               "over the stated context; fp16 K/V of SmolLM2 is 23,040 bytes per token (30 layers x 2 x 192 x 2).\n\n"
+              "`-cal` kinds (lower-rank latents chosen from activations, forkdec.xquant.calibration) are "
+              "calibrated on the 4,096 tokens that follow the scored windows in the same file (row field "
+              "calib_tokens): disjoint from every scored token, but in-domain.\n\n"
               "'seconds' is wall time per kind on cores shared with other jobs (the load average went from about 13 "
               "to 3 during the sweep): not a speed measurement.\n\n"
               "## Targets\n\n" + _targets(rows) + "\n\n![Pareto](xquant.png)\n")
@@ -164,15 +175,22 @@ def run(argv: list[str] | None = None) -> int:
         from forkdec.models import load_model
 
         model, tok = load_model(dtype=torch.float32)
-        ids = read_tokens(args.data, tok, args.windows * args.window)
-        done = {r["kind"] for r in rows}
-        for kind in [k for k in args.kinds.split(",") if k and k not in done]:
+        scored = args.windows * args.window
+        todo = [k for k in args.kinds.split(",") if k and k not in {r["kind"] for r in rows}]
+        ids = read_tokens(args.data, tok, scored + (args.calib_tokens if any(k.endswith("-cal") for k in todo) else 0))
+        if len(ids) > scored:  # held out from the scored windows: calibration only
+            from forkdec.xquant.calibration import calibrate
+
+            calibrate(model, ids[scored:scored + args.calib_tokens])
+            ids = ids[:scored]
+        for kind in todo:
             t0 = time.perf_counter()
             r = perplexity(model, ids, kind, window=args.window, chunk=args.chunk, windows=args.windows,
                            progress=lambda i, n, p, k=kind: print(f"  {k}: window {i}/{n}, ppl {p:.3f} "
                                                                   f"({time.perf_counter() - t0:.0f} s)",
                                                                   file=sys.stderr, flush=True))
-            rows.append(_row(kind, r, model.config))
+            calib = args.calib_tokens if kind.endswith("-cal") else 0
+            rows.append({**_row(kind, r, model.config), "calib_tokens": calib})
             print(f"{kind}: ppl {r.ppl:.4f} over {r.tokens} predictions in {r.seconds:.0f} s", flush=True)
             store.write_text(json.dumps({"settings": settings, "rows": rows}, indent=1))
     report(rows, args, out)

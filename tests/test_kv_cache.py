@@ -20,6 +20,7 @@ from forkdec.models.llama import LlamaModel, _rotate
 from forkdec.ops import CascadeLevel
 from forkdec.xquant import dequantize, latent_factors, quantize
 from forkdec.xquant.accounting import bytes_held
+from forkdec.xquant.calibration import ATTR, calibrated_factors
 from forkdec.xquant.kinds import parse_kind
 
 CFG = ModelConfig("llama", vocab_size=64, hidden_size=128, intermediate_size=96, num_layers=2, num_heads=4,
@@ -70,6 +71,13 @@ def expected_kv(kind, model, layer, xs, residuals, ks, vs, nq, positions):
         return keys(x, wk, bk), (x @ wv + bv).view(-1, hkv, d)
     if kind.family == "xquant-latent":
         (dk, uk), (dv, uv) = latent_factors(wk), latent_factors(wv)
+        if kind.calibrated:  # factors from the stored moments (checked on their own in test_kv_calibration)
+            m = getattr(lay, ATTR)
+            (dk, uk), (dv, uv) = calibrated_factors(wk, kind.rank, m), calibrated_factors(wv, kind.rank_v, m)
+        elif kind.rank:  # truncated: the top-R singular directions (latent_factors sorts them descending)
+            r, rv = kind.rank, kind.rank_v
+            assert float(uk.norm(dim=1)[r - 1]) >= float(uk.norm(dim=1)[r])
+            dk, uk, dv, uv = dk[:, :r], uk[:r], dv[:, :rv], uv[:rv]
         sk, sv = uk.norm(dim=1), uv.norm(dim=1)  # the cache caches X·U·Σ and maps back with Bᵀ
         dk, uk, dv, uv = dk * sk, uk / sk[:, None], dv * sv, uv / sv[:, None]
         lk, lv = r16(xs[layer].float() @ dk), r16(xs[layer].float() @ dv)
@@ -88,10 +96,11 @@ def expected_kv(kind, model, layer, xs, residuals, ks, vs, nq, positions):
     return keys(x, wk, bk), (x @ wv + bv).view(-1, hkv, d)
 
 
-def drive(kind_name: str, bias: bool = False):
-    """Feed CHUNKS through a cache of kind_name, checking every layer of every step."""
+def drive(kind_name: str, bias: bool = False, model: LlamaModel | None = None):
+    """Feed CHUNKS through a cache of kind_name (over `model`, default tiny_model(bias=bias)),
+    checking every layer of every step."""
     kind = parse_kind(kind_name)
-    model = tiny_model(bias=bias)
+    model = tiny_model(bias=bias) if model is None else model
     g = torch.Generator().manual_seed(1)
     n = sum(CHUNKS)
     L, h, hq, hkv, d = CFG.num_layers, CFG.hidden_size, CFG.num_heads, CFG.num_kv_heads, CFG.head_dim
@@ -142,6 +151,7 @@ def drive(kind_name: str, bias: bool = False):
 
 
 @pytest.mark.parametrize("kind", ["xquant-4-r64", "xquant-8-r0", "xquant-latent-3-g32-r64", "xquant-latent-2-r0",
+                                  "xquant-latent-3-k32-g32-r64", "xquant-latent-2-k21-v32-g32-r0",
                                   "xquant-cl-2-r0", "xquant-cl-4-g32-r64", "kivi-2-r64", "kivi-4-g32-r0"])
 def test_cache_attends_over_what_it_must_hold(kind):
     assert drive(kind) > 0  # some pages were quantized
@@ -180,3 +190,18 @@ def test_quantized_page_cannot_take_new_tokens():
                       torch.tensor([page * 64]), [level])
     with pytest.raises(ValueError, match=r"^slots: "):
         make_attend(batch, cache, prefill=False)
+
+
+def test_truncated_rank_approximates_k_and_v():
+    # rank 32 of 64: K, V are the best rank-32 approximations, so the latents are half as wide and
+    # the projection error is exactly the dropped singular values' energy (Eckart-Young)
+    from forkdec.xquant.weights import layer_weights
+    model, kind = tiny_model(), parse_kind("xquant-latent-8-k32-g32")
+    w = layer_weights(kind, model.layers[0], CFG)
+    assert tuple(w.down_k.shape) == (128, 32) and tuple(w.wk.shape) == (32, 64)
+    hq, hkv, d = CFG.num_heads, CFG.num_kv_heads, CFG.head_dim
+    wk = model.layers[0].qkv[hq * d:(hq + hkv) * d].t().float()
+    s = torch.linalg.svdvals(wk.double())
+    err = (w.down_k.double() @ w.wk.double() - wk.double()).norm()
+    assert float(err) == pytest.approx(float(s[32:].norm()), rel=1e-4)
+    assert float(err) > 0.1 * float(s.norm())  # a real approximation on random weights, not exact

@@ -37,7 +37,10 @@ def test_fp_kinds_carry_their_dtype():
 
 
 @pytest.mark.parametrize("bad", ["fp8", "xquant", "xquant-5", "kivi-8", "xquant-cl-8", "xquant-4-g16",
-                                 "xquant-4-r100", "xquant-4-g32-g64", "kivi-4-x3", "XQUANT-4", ""])
+                                 "xquant-4-r100", "xquant-4-g32-g64", "kivi-4-x3", "XQUANT-4", "",
+                                 "xquant-latent-3-k0", "xquant-latent-3-k96", "xquant-latent-3-g32-k48",
+                                 "xquant-4-k64", "kivi-2-k64", "xquant-latent-2-k64-k32",
+                                 "xquant-latent-2-v64", "xquant-latent-2-k64-v0", "xquant-latent-2-k64-v96"])
 def test_unknown_or_unsupported_kinds_name_kv(bad):
     with pytest.raises(ValueError, match=r"^kv: "):
         parse_kind(bad)
@@ -82,3 +85,35 @@ def test_partial_pages_are_counted_whole():
 def test_accounting_rejects_bad_context():
     with pytest.raises(ValueError, match=r"^context_len: "):
         bytes_per_token("fp16", SMOL, 0)
+
+
+def test_latent_rank_parses_and_defaults_to_full():
+    k = parse_kind("xquant-latent-3-k96-g32-r0")
+    assert (k.rank, k.bits, k.group_size, k.residual) == (96, 3, 32, 0)
+    assert parse_kind("xquant-latent-3").rank == 0 and k.rank_v == 96
+    kv = parse_kind("xquant-latent-2-k128-v64-cal")
+    assert (kv.rank, kv.rank_v, kv.calibrated) == (128, 64, True)
+    assert [w for _, w, _ in stream_widths(kv, SMOL)] == [128, 64]
+    assert [w for _, w, _ in stream_widths(k, SMOL)] == [96, 96]
+    assert [w for _, w, _ in stream_widths(parse_kind("xquant-latent-3-k192"), SMOL)] == [192, 192]
+
+
+def test_latent_rank_above_the_kv_width_names_kv():
+    with pytest.raises(ValueError, match=r"^kv: .*rank 256 exceeds the KV width 192"):
+        stream_widths(parse_kind("xquant-latent-2-k256"), SMOL)
+    with pytest.raises(ValueError, match=r"^kv: .*rank 256 exceeds"):
+        stream_widths(parse_kind("xquant-latent-2-k64-v256"), SMOL)
+
+
+def test_latent_rank_bytes_by_hand():
+    # rank 96, 2-bit g32, no window: 2 streams x (96 x 2/8 codes + 96/32 x 4 scale/zero) x 30 layers
+    assert bytes_per_token("xquant-latent-2-k96-g32-r0", SMOL, 2048) == 30 * 2 * (24 + 12)
+    assert fp16_fraction("xquant-latent-2-k96-g32-r0", SMOL, 2048) == pytest.approx(72 / 768, rel=1e-12)
+    # rank 64, 3-bit g64, window 128: 1920 quantized tokens + 128 fp16 tokens of 2 x 64 latents
+    expect = 30 * (1920 * 2 * (24 + 4) + 128 * 2 * 64 * 2) / 2048
+    assert bytes_per_token("xquant-latent-3-k64", SMOL, 2048) == pytest.approx(expect, rel=1e-12)
+    # K rank 128, V rank 64, 2-bit g64, no window: (128 + 64) x (2/8 + 4/64) bytes per layer
+    assert bytes_per_token("xquant-latent-2-k128-v64-r0-cal", SMOL, 2048) == 30 * (32 + 8 + 16 + 4)
+    # K rank 53 (any width on the channel axis): 53 x 2/8 = 13.25 code bytes and 53 x 4/64 scale/zero
+    # bytes per token are fractional; whole 64-token pages hold 848 + 212 bytes
+    assert bytes_per_token("xquant-latent-2-k53-v192-r0", SMOL, 2048) == 30 * (53 + 192) * (2 / 8 + 4 / 64)

@@ -18,10 +18,13 @@ from forkdec.xquant.kinds import KVKind, parse_kind
 def stream_widths(kind: KVKind, config) -> list[tuple[str, int, str]]:
     """(name, width, axis) of each stream a layer caches for `kind` and a model
     config; ValueError naming `kv` if a token-axis width is not a multiple of
-    the group size."""
+    the group size or a latent rank exceeds the KV width."""
     kv_width = config.num_kv_heads * config.head_dim
+    full = min(config.hidden_size, kv_width)  # the rank of Wk and Wv
+    require(max(kind.rank, kind.rank_v) <= full, "kv",
+            f"{kind.name!r}: latent rank {max(kind.rank, kind.rank_v)} exceeds the KV width {full}")
     width = {"xquant": {"x": config.hidden_size}, "xquant-cl": {"x": config.hidden_size},
-             "xquant-latent": {"k": min(config.hidden_size, kv_width), "v": min(config.hidden_size, kv_width)},
+             "xquant-latent": {"k": kind.rank or full, "v": kind.rank_v or full},
              "kivi": {"k": kv_width, "v": kv_width}}.get(kind.family, {"k": kv_width, "v": kv_width})
     streams = [(name, width[name], axis) for name, axis in kind.streams] or [("k", kv_width, ""), ("v", kv_width, "")]
     for name, w, axis in streams:
@@ -58,7 +61,8 @@ def bytes_held(kind: KVKind | str, config, context_len: int, *, page_size: int =
     for _, w, _ in stream_widths(kind, config):
         per_layer += -(-fp_tokens // p) * p * w * fp_el
         if kind.quantized:
-            per_layer += (context_len - fp_tokens) * (w * kind.bits // 8 + 4 * w // kind.group_size)
+            # whole pages are quantized: a page's codes are exact bytes even when a token's are not
+            per_layer += (context_len - fp_tokens) // p * (p * w * kind.bits // 8 + 4 * p * w // kind.group_size)
     return config.num_layers * per_layer
 
 

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from forkdec.validation import require
+from forkdec.xquant.calibration import ATTR, calibrated_factors
 from forkdec.xquant.kinds import KVKind
 from forkdec.xquant.latent import latent_factors
 
@@ -40,17 +41,28 @@ def layer_weights(kind: KVKind, layer, config) -> LayerWeights:
     bk = None if bias is None else bias[hq * d:(hq + hkv) * d].float().contiguous()
     bv = None if bias is None else bias[(hq + hkv) * d:].float().contiguous()
     if kind.family == "xquant-latent":
-        (down_k, up_k), (down_v, up_v) = scaled_factors(wk), scaled_factors(wv)
+        if kind.calibrated:
+            moment = getattr(layer, ATTR, None)
+            require(moment is not None, "model", f"{kind.name!r} needs a calibrated model: call "
+                    "forkdec.xquant.calibration.calibrate(model, tokens) first")
+            (down_k, up_k), (down_v, up_v) = (calibrated_factors(w, r, moment)
+                                              for w, r in ((wk, kind.rank), (wv, kind.rank_v)))
+        else:
+            (down_k, up_k), (down_v, up_v) = scaled_factors(wk, kind.rank), scaled_factors(wv, kind.rank_v)
         return LayerWeights(up_k, up_v, bk, bv, down_k, down_v)
     return LayerWeights(wk, wv, bk, bv, norm=norm.float() if kind.family == "xquant-cl" else None)
 
 
-def scaled_factors(w: Tensor) -> tuple[Tensor, Tensor]:
+def scaled_factors(w: Tensor, rank: int = 0) -> tuple[Tensor, Tensor]:
     """latent_factors with the singular values moved into the latent: down = U·Σ, up = Bᵀ.
     up has orthonormal rows, so a latent's quantization error reaches K or V unamplified;
     with U·(Σ·Bᵀ) the per-token (V) groups' error was scaled up by the large singular values.
-    Per-channel groups are indifferent (each channel has its own scale)."""
+    Per-channel groups are indifferent (each channel has its own scale).
+    rank > 0 keeps the top-`rank` singular directions (down [hidden, rank], up [rank, out]):
+    down @ up is then the best rank-`rank` approximation of w (Eckart-Young), no longer w."""
     down, up = latent_factors(w)
+    if rank:
+        down, up = down[:, :rank], up[:rank]  # svd orders singular values descending
     s = up.norm(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
     return (down * s).contiguous(), (up / s[:, None]).contiguous()
 
