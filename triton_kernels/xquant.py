@@ -22,7 +22,6 @@ merged by LSE (triton_kernels/attention.py's merge_states).
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -30,18 +29,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-LOG2E = tl.constexpr(1.4426950408889634)
-LN2 = tl.constexpr(0.6931471805599453)
-MASK_NONE = 0
-MASK_BOOL = 1
-MASK_PACKED = 2
-# Split-KV: split only while there are fewer than SPLIT_TARGET_WAVES programs
-# per SM, into chunks of at least MIN_SPLIT_TOKENS keys.
-SPLIT_TARGET_WAVES = 2
-MIN_SPLIT_TOKENS = 256
-MAX_SPLITS = 16
-# The interpreter has no SMs; pretending it has a few makes it exercise the split path.
-INTERPRETER_SMS = 4
+# Constants, the split-KV heuristic and the LSE merge are attention's (one definition).
+from forkdec.triton_kernels.attention import (LN2, LOG2E, MASK_BOOL, MASK_NONE, MASK_PACKED, _choose_splits,
+                                              merge_states)
+
 BLOCK_N = 16
 
 
@@ -189,21 +180,6 @@ def _xquant_kernel(
     tl.store(lse_ptr + qrow * sl_q + split * sl_split + head, lse, mask=r_ok)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return INTERPRETER_SMS
-
-
-def _choose_splits(programs: int, max_kv: int, device: torch.device) -> int:
-    """KV chunks per request: enough programs to fill the GPU, chunks not too short."""
-    target = SPLIT_TARGET_WAVES * _sm_count(device)
-    if programs >= target:
-        return 1
-    return max(1, min(MAX_SPLITS, triton.cdiv(max_kv, MIN_SPLIT_TOKENS), triton.cdiv(target, programs)))
-
-
 def _store_args(x: Tensor, scale: Tensor | None, zero: Tensor | None) -> tuple:
     if scale is None:  # float pages: strides of [P, page_size, W], W contiguous
         x = x if x.stride(-1) == 1 else x.contiguous()
@@ -275,6 +251,5 @@ def xquant_attention(q: Tensor, qo_indptr: Tensor, xk: Tensor, xk_scale: Tensor 
         V_QUANT=xv_scale is not None, V_BITS=xv_bits, V_GS=max(xv_group_size, 1), V_CHANNEL=xv_axis == 1,
         BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_W=32, HALF_DOT=bool(half_dot))
     if splits > 1:
-        from forkdec.triton_kernels.attention import merge_states
         out, lse = merge_states(o_buf, l_buf)
     return out.to(q.dtype), lse
