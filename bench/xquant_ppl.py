@@ -2,23 +2,28 @@
 
 SmolLM2-135M-Instruct (fp32 weights and activations), WikiText-2 test,
 non-overlapping windows fed in chunks through each kind's cache
-(forkdec.eval.perplexity). Every kind reads the same windows. Rows are saved
-to xquant.json as they finish, so an interrupted sweep resumes (--resume).
-Writes xquant.md (table, targets) and xquant.png (memory fraction vs ΔPPL).
+(forkdec.eval.perplexity). Every kind reads the file's first windows; a row
+keeps each window's NLL and is saved after every window, so a sweep resumes
+and a later run extends a kind to more windows (--resume). Each kind's ΔPPL is
+taken against fp32 over the same windows. Writes xquant.md (table, targets)
+and xquant.png (memory fraction vs ΔPPL).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
-import time
 
 import torch
 
 from forkdec.bench.common import machine_facts, markdown_table, results_dir, write_report
+from forkdec.eval import perplexity, read_tokens
 
-DEFAULT_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "wikitext-2", "test.txt")
+SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+DEFAULT_DATA = os.path.join(SHARED, "wikitext-2", "test.txt")
+CALIB_DATA = os.path.join(SHARED, "gsm8k", "test.jsonl")
 SWEEP = ["fp32", "bf16", "fp16", "xquant-8", "xquant-4", "xquant-3", "xquant-2",
          "xquant-latent-8", "xquant-latent-4", "xquant-latent-3", "xquant-latent-2",
          "xquant-cl-4", "xquant-cl-3", "xquant-cl-2", "kivi-4", "kivi-3", "kivi-2",
@@ -38,13 +43,15 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="forkdec bench xquant-ppl", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=DEFAULT_DATA, help="WikiText-2 test.txt (default: ../shared/data in CI)")
-    p.add_argument("--windows", type=int, default=8, help="windows per kind (default 8)")
+    p.add_argument("--windows", type=int, default=8, help="windows per kind (default 8; 0: all whole windows)")
     p.add_argument("--window", type=int, default=2048)
     p.add_argument("--chunk", type=int, default=128)
     p.add_argument("--kinds", default=",".join(SWEEP), help="comma-separated cache kinds")
     p.add_argument("--calib-tokens", type=int, default=4096,
-                   help="-cal kinds: tokens after the scored windows that calibrate the latent ranks (default 4096)")
-    p.add_argument("--resume", action="store_true", help="keep rows of xquant.json measured with the same settings")
+                   help="-cal kinds: GSM8K test tokens that calibrate the latent ranks (default 4096)")
+    p.add_argument("--calib-data", default=CALIB_DATA, help="-cal kinds: GSM8K test.jsonl (default: ../shared/data)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the windows xquant.json holds (same window and chunk) and measure only the missing ones")
     p.add_argument("--report-only", action="store_true", help="rewrite xquant.md/png from xquant.json")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: on cores shared with other jobs, 2 threads ran 4-7x slower)")
@@ -52,24 +59,35 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _row(kind: str, r, config) -> dict:
+def _row(kind: str, config, window_nll: list[float], seconds: float, args) -> dict:
     from forkdec.xquant.accounting import fp16_fraction
     from forkdec.xquant.kinds import parse_kind
 
     k = parse_kind(kind)
     return {"kind": kind, "family": k.family, "bits": k.bits, "group": k.group_size, "residual": k.residual,
-            "rank": k.rank, "rank_v": k.rank_v,
-            "ppl": r.ppl, "nll": r.nll, "tokens": r.tokens, "windows": r.windows, "seconds": r.seconds,
+            "rank": k.rank, "rank_v": k.rank_v, "ppl": _ppl(window_nll), "nll": sum(window_nll) / len(window_nll),
+            "tokens": len(window_nll) * (args.window - 1), "windows": len(window_nll), "seconds": seconds,
             "frac_2048": fp16_fraction(kind, config, 2048), "frac_8192": fp16_fraction(kind, config, 8192),
             "bytes_2048": fp16_fraction(kind, config, 2048) * 4 * config.num_layers * config.num_kv_heads
-            * config.head_dim, "window_nll": r.window_nll}
+            * config.head_dim, "window_nll": window_nll}
+
+
+def _ppl(window_nll: list[float]) -> float:
+    return math.exp(sum(window_nll) / len(window_nll))  # every window scores the same number of predictions
+
+
+def _delta(row: dict, base: dict) -> tuple[float, float]:
+    """(fp32 PPL, relative ΔPPL) over the windows both rows hold (the file's first ones)."""
+    m = min(len(row["window_nll"]), len(base["window_nll"]))
+    ref = _ppl(base["window_nll"][:m])
+    return ref, _ppl(row["window_nll"][:m]) / ref - 1
 
 
 def _targets(rows: list[dict]) -> str:
     base = next((r for r in rows if r["kind"] == "fp32"), None)
     if base is None:
         return "No fp32 row: targets not evaluated."
-    d = {r["kind"]: (r["ppl"] - base["ppl"]) / base["ppl"] for r in rows}
+    d = {r["kind"]: _delta(r, base)[1] for r in rows}
     lines = []
     for ctx in ("2048", "8192"):
         ok = [r for r in rows if r["family"].startswith("xquant") and r["bits"] == 4 and r[f"frac_{ctx}"] <= 0.30]
@@ -110,19 +128,19 @@ def _plot(rows: list[dict], path) -> bool:
     for family, marker in MARKERS.items():
         pts = [r for r in rows if r["family"] == family]
         if pts:
-            ax.scatter([r["frac_2048"] for r in pts], [100 * (r["ppl"] - base["ppl"]) / base["ppl"] for r in pts],
+            ax.scatter([r["frac_2048"] for r in pts], [100 * _delta(r, base)[1] for r in pts],
                        marker=marker, label=family, s=40)
             for r in pts:
-                ax.annotate(r["kind"].replace("xquant-", "xq-"), (r["frac_2048"],
-                            100 * (r["ppl"] - base["ppl"]) / base["ppl"]), fontsize=6, xytext=(3, 2),
-                            textcoords="offset points")
+                ax.annotate(r["kind"].replace("xquant-", "xq-"), (r["frac_2048"], 100 * _delta(r, base)[1]),
+                            fontsize=6, xytext=(3, 2), textcoords="offset points")
     ax.set_yscale("symlog", linthresh=1.0)
     ax.axhline(1.0, color="gray", lw=0.6, ls="--")
     ax.axvline(0.30, color="gray", lw=0.6, ls="--")
     ax.axvline(0.10, color="gray", lw=0.6, ls=":")
     ax.set_xlabel("KV bytes/token as a fraction of fp16 K/V (context 2048)")
     ax.set_ylabel("ΔPPL vs fp32 cache (%)")
-    ax.set_title(f"SmolLM2-135M, WikiText-2, {base['windows']} x 2048-token windows")
+    counts = sorted({len(r["window_nll"]) for r in rows})
+    ax.set_title(f"SmolLM2-135M, WikiText-2, {' or '.join(map(str, counts))} x 2048-token windows per kind")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -133,23 +151,24 @@ def report(rows: list[dict], args: argparse.Namespace, out) -> None:
     base = next((r for r in rows if r["kind"] == "fp32"), None)
     table = []
     for r in rows:
-        dppl = "" if base is None else f"{r['ppl'] - base['ppl']:+.3f} ({(r['ppl'] - base['ppl']) / base['ppl']:+.2%})"
+        ref, rel = _delta(r, base) if base is not None else (float("nan"), float("nan"))
         table.append([f"`{r['kind']}`", r["family"], str(r["bits"] or "-"), str(r["group"] or "-"),
                       str(r["residual"] if r["family"] != "fp" else "-"), f"{r['bytes_2048']:.0f}",
-                      f"{r['frac_2048']:.3f}", f"{r['frac_8192']:.3f}", f"{r['ppl']:.3f}", dppl,
-                      f"{r['seconds']:.0f}"])
-    tokens = rows[0]["tokens"] if rows else 0
-    body = (f"## Perplexity by cache kind\n\n{len(rows[0]['window_nll']) if rows else 0} windows of {args.window} "
-            f"tokens (the first ones of the file), chunks of {args.chunk}, {tokens} scored predictions per kind, "
-            "the same windows for every kind.\n\n"
+                      f"{r['frac_2048']:.3f}", f"{r['frac_8192']:.3f}", str(len(r["window_nll"])),
+                      f"{r['ppl']:.3f}", f"{ref:.3f}", f"{r['ppl'] - ref:+.3f} ({rel:+.2%})", f"{r['seconds']:.0f}"])
+    body = (f"## Perplexity by cache kind\n\nNon-overlapping windows of {args.window} tokens from the start of the "
+            f"file ({args.window - 1} scored predictions each), fed in chunks of {args.chunk}. Kinds hold different "
+            "numbers of windows ('windows'): the targets' kinds all of them, the rest of the sweep the first 8. "
+            "'fp32 PPL' is the fp32 cache over the same windows, and ΔPPL is taken against it.\n\n"
             + markdown_table(["kind", "family", "bits", "group", "window R", "bytes/token @2048",
-                              "fraction of fp16 @2048", "@8192", "PPL", "ΔPPL vs fp32", "seconds"], table)
+                              "fraction of fp16 @2048", "@8192", "windows", "PPL", "fp32 PPL", "ΔPPL vs fp32",
+                              "seconds"], table)
             + "\n\nBytes per token are exact (forkdec.xquant.accounting.bytes_per_token): codes, fp16 scales and "
               "zeros, and the 16-bit full-precision window (R newest tokens plus the partly filled page) amortized "
               "over the stated context; fp16 K/V of SmolLM2 is 23,040 bytes per token (30 layers x 2 x 192 x 2).\n\n"
               "`-cal` kinds (lower-rank latents chosen from activations, forkdec.xquant.calibration) are "
-              "calibrated on the 4,096 tokens that follow the scored windows in the same file (row field "
-              "calib_tokens): disjoint from every scored token, but in-domain.\n\n"
+              "calibrated on the first 4,096 tokens of GSM8K test questions and answers (row field calib_tokens): "
+              "disjoint from every scored token and from another domain, so no WikiText-2 token is used twice.\n\n"
               "'seconds' is wall time per kind on cores shared with other jobs (the load average went from about 13 "
               "to 3 during the sweep): not a speed measurement.\n\n"
               "## Targets\n\n" + _targets(rows) + "\n\n![Pareto](xquant.png)\n")
@@ -162,38 +181,62 @@ def report(rows: list[dict], args: argparse.Namespace, out) -> None:
         print(f"wrote {out / 'xquant.png'}")
 
 
+def _calibration_tokens(path: str, tokenizer, n: int) -> list[int]:
+    """The first n tokens of GSM8K questions and answers (one per line)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = "\n\n".join(f"{r['question']}\n{r['answer']}" for r in map(json.loads, f))
+    except OSError as e:
+        raise ValueError(f"calib-data: cannot read {path}: {e.strerror or e}") from None
+    return list(tokenizer.encode(text[:n * 8]))[:n]  # ~4 characters per token: 8 is plenty
+
+
+def _measure(model, ids: list[int], kind: str, row: dict | None, want: int, args, save) -> dict:
+    """Extend `row` (or a new one) window by window up to `want` windows, saving after each."""
+    nll = list(row["window_nll"]) if row else []
+    seconds = row["seconds"] if row else 0.0
+    for w in range(len(nll), want):
+        r = perplexity(model, ids, kind, window=args.window, chunk=args.chunk, windows=1, first=w)
+        nll += r.window_nll
+        seconds += r.seconds
+        cal = kind.endswith("-cal")
+        row = {**_row(kind, model.config, nll, seconds, args), "calib_tokens": args.calib_tokens if cal else 0,
+               "calib_data": os.path.basename(args.calib_data) if cal else None}
+        save(row)
+        print(f"  {kind}: window {w + 1}/{want}, ppl {row['ppl']:.3f} ({seconds:.0f} s)", file=sys.stderr, flush=True)
+    return row
+
+
 def run(argv: list[str] | None = None) -> int:
     args = _args(argv)
     out = results_dir(args.out)
     store = out / "xquant.json"
-    settings = {"windows": args.windows, "window": args.window, "chunk": args.chunk}
+    settings = {"window": args.window, "chunk": args.chunk}
     saved = json.loads(store.read_text()) if store.exists() and (args.resume or args.report_only) else {}
-    rows = saved.get("rows", []) if saved.get("settings") == settings else []
+    same = {k: v for k, v in saved.get("settings", {}).items() if k != "windows"} == settings
+    rows = {r["kind"]: r for r in saved.get("rows", []) if not r["kind"].endswith("-cal")
+            or r.get("calib_data") == os.path.basename(args.calib_data)} if same else {}  # recalibrated: measure again
     if not args.report_only:
         torch.set_num_threads(args.threads)
-        from forkdec.eval import perplexity, read_tokens
         from forkdec.models import load_model
 
         model, tok = load_model(dtype=torch.float32)
-        scored = args.windows * args.window
-        todo = [k for k in args.kinds.split(",") if k and k not in {r["kind"] for r in rows}]
-        ids = read_tokens(args.data, tok, scored + (args.calib_tokens if any(k.endswith("-cal") for k in todo) else 0))
-        if len(ids) > scored:  # held out from the scored windows: calibration only
+        ids = read_tokens(args.data, tok, args.windows * args.window if args.windows else None)
+        want = args.windows or len(ids) // args.window
+        kinds = [k for k in args.kinds.split(",") if k]
+        if any(k.endswith("-cal") for k in kinds):
             from forkdec.xquant.calibration import calibrate
 
-            calibrate(model, ids[scored:scored + args.calib_tokens])
-            ids = ids[:scored]
-        for kind in todo:
-            t0 = time.perf_counter()
-            r = perplexity(model, ids, kind, window=args.window, chunk=args.chunk, windows=args.windows,
-                           progress=lambda i, n, p, k=kind: print(f"  {k}: window {i}/{n}, ppl {p:.3f} "
-                                                                  f"({time.perf_counter() - t0:.0f} s)",
-                                                                  file=sys.stderr, flush=True))
-            calib = args.calib_tokens if kind.endswith("-cal") else 0
-            rows.append({**_row(kind, r, model.config), "calib_tokens": calib})
-            print(f"{kind}: ppl {r.ppl:.4f} over {r.tokens} predictions in {r.seconds:.0f} s", flush=True)
-            store.write_text(json.dumps({"settings": settings, "rows": rows}, indent=1))
-    report(rows, args, out)
+            calibrate(model, _calibration_tokens(args.calib_data, tok, args.calib_tokens))
+
+        def save(row: dict) -> None:
+            rows[row["kind"]] = row
+            store.write_text(json.dumps({"settings": settings, "rows": list(rows.values())}, indent=1))
+
+        for kind in kinds:
+            row = _measure(model, ids, kind, rows.get(kind), want, args, save)
+            print(f"{kind}: ppl {row['ppl']:.4f} over {row['windows']} windows in {row['seconds']:.0f} s", flush=True)
+    report(list(rows.values()), args, out)
     return 0
 
 

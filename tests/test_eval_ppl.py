@@ -80,6 +80,29 @@ def test_read_tokens_prefix_matches_the_whole_encoding(model_tok, ids):
     assert len(part) == 100 and part == ids[:100]
 
 
+def test_first_starts_at_a_later_window(model_tok, ids, fp32_ppl):
+    from forkdec.eval import perplexity
+    r = perplexity(model_tok[0], ids, "fp32", window=WINDOW, chunk=64, windows=1, first=1)
+    assert r.windows == 1 and r.window_nll == pytest.approx(fp32_ppl.window_nll[1:2], rel=1e-6)
+    with pytest.raises(ValueError, match="^first: "):
+        perplexity(model_tok[0], ids, "fp32", window=WINDOW, first=-1)
+    with pytest.raises(ValueError, match="^data: .* from window 9999"):
+        perplexity(model_tok[0], ids, "fp32", window=WINDOW, first=9999)
+
+
+def test_cli_calibrates_cal_kinds_from_calib_text(model_tok, capsys):
+    from forkdec.eval import perplexity, read_tokens
+    from forkdec.xquant.calibration import calibrate_from_text
+    kind = "xquant-latent-4-k64-r0-cal"
+    assert main(["eval", "ppl", "--kv", kind, "--data", DATA, "--window", "128", "--windows", "1", "--chunk", "64",
+                 "--calib", DATA, "--calib-tokens", "200"]) == 0
+    printed = float(capsys.readouterr().out.split("ppl ")[1].split()[0])
+    model, tok = model_tok
+    assert calibrate_from_text(model, tok, DATA, max_tokens=200) == 200
+    r = perplexity(model, read_tokens(DATA, tok), kind, window=128, chunk=64, windows=1)
+    assert printed == pytest.approx(r.ppl, abs=1e-4)
+
+
 def test_cli_prints_ppl_and_progress(model_tok, capsys):
     assert main(["eval", "ppl", "--kv", "fp16", "--data", DATA, "--window", "128", "--windows", "1",
                  "--chunk", "64"]) == 0
@@ -93,6 +116,12 @@ def test_cli_prints_ppl_and_progress(model_tok, capsys):
     (["eval", "ppl", "--data", DATA, "--window", "100000"], "forkdec eval: window: "),
     (["eval", "perplexity", "--data", DATA], "forkdec eval: task: "),
     (["eval", "ppl", "--kv", "fp32"], "forkdec eval: "),
+    (["eval", "ppl", "--kv", "xquant-latent-4-k64-cal", "--data", DATA], "forkdec eval: calib: "),
+    (["eval", "ppl", "--kv", "fp32", "--calib", DATA, "--data", DATA], "forkdec eval: calib: "),
+    (["eval", "ppl", "--kv", "xquant-latent-4-k64-cal", "--calib", "/nonexistent", "--data", DATA, "--window",
+      "128", "--windows", "1"], "forkdec eval: calib: "),
+    (["generate", "--kv", "xquant-latent-4-k64-cal", "hello"], "forkdec generate: calib: "),
+    (["generate", "--kv", "kivi-4", "--calib", DATA, "hello"], "forkdec generate: calib: "),
 ])
 def test_cli_errors_are_one_line_exit_2(model_tok, capsys, argv, prefix):
     assert main(argv) == 2

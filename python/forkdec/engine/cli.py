@@ -50,6 +50,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-kv-bytes", type=int, default=None, help="KV cache budget in bytes")
     p.add_argument("--kv", default=None, metavar="KIND", help="KV cache kind: fp32, bf16, fp16, xquant-4, "
                    "xquant-latent-4, xquant-cl-2, kivi-4, ... (default: K/V in the model's dtype)")
+    add_calib_options(p)
     p.add_argument("--speculate", choices=["off", "ngram"], default="off",
                    help="ngram: draft token trees from the prompt and sibling paths, verify them in one pass")
     p.add_argument("--draft-budget", type=int, default=SamplingParams.draft_budget,
@@ -57,6 +58,31 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return p
+
+
+def add_calib_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calib", metavar="PATH", help="-cal kinds: text whose first tokens calibrate the latent ranks")
+    p.add_argument("--calib-tokens", type=int, default=4096, help="-cal kinds: tokens of --calib used (default 4096)")
+
+
+def check_calib(kv: str | None, args: argparse.Namespace) -> None:
+    """Before the model loads: a -cal kind needs --calib, and only -cal kinds take it."""
+    from forkdec.xquant.kinds import parse_kind
+
+    cal = kv is not None and parse_kind(kv).calibrated  # a bad kind fails here, before the model loads
+    require(not cal or args.calib is not None, "calib", f"cache kind {kv!r} needs calibration text: --calib PATH")
+    require(cal or args.calib is None, "calib", f"only -cal cache kinds are calibrated, not {kv or 'the default'!r}")
+    require(args.calib_tokens >= 1, "calib-tokens", f"must be >= 1, got {args.calib_tokens}")
+
+
+def apply_calib(args: argparse.Namespace, model: Any, tokenizer: Any) -> None:
+    if args.calib is not None:
+        from forkdec.xquant.calibration import calibrate_from_text
+
+        try:
+            calibrate_from_text(model, tokenizer, args.calib, max_tokens=args.calib_tokens)
+        except ValueError as e:
+            raise ValueError(str(e).replace("data:", "calib:", 1)) from None
 
 
 def load(path: str | None, dtype: torch.dtype | None) -> tuple[Any, Any]:
@@ -95,13 +121,12 @@ def run(argv: list[str]) -> int:
     require(args.n >= 1, "n", f"must be >= 1, got {args.n}")
     require(args.first_k is None or args.first_k >= 1, "first-k", f"must be >= 1, got {args.first_k}")
     require(args.max_kv_bytes is None or args.max_kv_bytes > 0, "max-kv-bytes", "must be positive")
-    if args.kv is not None:
-        from forkdec.xquant.kinds import parse_kind
-        parse_kind(args.kv)  # a bad kind fails before the model loads
+    check_calib(args.kv, args)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                             max_new_tokens=args.max_new_tokens, stop=tuple(args.stop), seed=args.seed,
                             speculate=args.speculate, draft_budget=args.draft_budget)
     model, tokenizer = load(args.model, DTYPES.get(args.dtype))
+    apply_calib(args, model, tokenizer)
     k = args.first_k or max(1, args.n // 4)
     early = strategies.first_finish_stopper(k) if args.vote == "first-finish" else None
     bar = ProgressBar(sys.stderr, force=False) if not args.no_progress else None

@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from forkdec.engine.cli import DTYPES, OneLineParser
+from forkdec.engine.cli import DTYPES, OneLineParser, add_calib_options, apply_calib, check_calib
 from forkdec.validation import require
 
 
@@ -27,6 +27,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", metavar="PATH", help="GGUF file or HF folder (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="compute dtype (default fp32)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    add_calib_options(p)
     p.add_argument("--json", metavar="PATH", help="also write the result as JSON")
     return p
 
@@ -40,14 +41,13 @@ def run(argv: list[str]) -> int:
     args = parser().parse_args(argv[1:])
     from forkdec.engine.cli import load
     from forkdec.eval.ppl import perplexity, read_tokens
-    from forkdec.xquant.kinds import parse_kind
-
-    parse_kind(args.kv)  # a bad kind fails before the model loads
+    check_calib(args.kv, args)
     require(args.windows is None or args.windows >= 1, "windows", f"must be >= 1, got {args.windows}")
     require(args.threads is None or args.threads >= 1, "threads", f"must be >= 1, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load(args.model, DTYPES[args.dtype])
+    apply_calib(args, model, tokenizer)
     ids = read_tokens(args.data, tokenizer, None if args.windows is None else args.windows * args.window)
 
     def progress(done: int, total: int, ppl: float) -> None:

@@ -90,32 +90,34 @@ def window_nll(model, tokens: Tensor, cache, *, chunk: int = 128, backend: str =
 
 
 def perplexity(model, tokens: list[int] | Tensor, kv: str | None, *, window: int = 2048, chunk: int = 128,
-               windows: int | None = None, backend: str = "auto",
+               windows: int | None = None, first: int = 0, backend: str = "auto",
                progress: Callable[[int, int, float], None] | None = None) -> PplResult:
     """PPL of `model` on consecutive non-overlapping `window`-token windows of `tokens`
-    (a trailing partial window is dropped; `windows` caps the count) with the cache kind `kv`.
-    progress(done, total, ppl_so_far) is called after each window."""
+    (a trailing partial window is dropped), starting at window index `first`, with the
+    cache kind `kv`; `windows` caps the count. progress(done, total, ppl_so_far) is
+    called after each window."""
     require(isinstance(window, int) and window >= 2, "window", f"must be an int >= 2, got {window!r}")
     require(isinstance(chunk, int) and chunk >= 1, "chunk", f"must be an int >= 1, got {chunk!r}")
     require(window <= model.config.max_position_embeddings, "window",
             f"{window} exceeds the model's context {model.config.max_position_embeddings}")
     ids = torch.as_tensor(tokens, dtype=torch.int64).flatten()
-    total = ids.numel() // window
+    require(isinstance(first, int) and first >= 0, "first", f"must be an int >= 0, got {first!r}")
+    total = ids.numel() // window - first
     require(windows is None or (isinstance(windows, int) and windows >= 1), "windows", f"must be >= 1, got {windows!r}")
     total = total if windows is None else min(total, windows)
-    require(total >= 1, "data", f"{ids.numel()} tokens hold no window of {window}")
+    require(total >= 1, "data", f"{ids.numel()} tokens hold no window of {window} from window {first} on")
     t0 = time.perf_counter()
     with torch.inference_mode():
         cache = make_kv_cache(kv, model, -(-window // 16) + 1)
         if cache.num_pages * cache.page_size < window:  # quantized kinds use bigger pages
             cache = make_kv_cache(kv, model, -(-window // cache.page_size))
         sums, counts = [], []
-        for w in range(total):
+        for w in range(first, first + total):
             s, c = window_nll(model, ids[w * window:(w + 1) * window], cache, chunk=chunk, backend=backend)
             sums.append(s)
             counts.append(c)
             if progress is not None:
-                progress(w + 1, total, math.exp(sum(sums) / sum(counts)))
+                progress(w + 1 - first, total, math.exp(sum(sums) / sum(counts)))
     mean = sum(sums) / sum(counts)
     return PplResult(kv or "model dtype", math.exp(mean), mean, sum(counts), total, window, chunk,
                      time.perf_counter() - t0, [s / c for s, c in zip(sums, counts)])

@@ -55,6 +55,17 @@ def calibrate(model, tokens: Tensor | list[int], *, chunk: int = 512) -> None:
         setattr(layer, ATTR, c)
 
 
+def calibrate_from_text(model, tokenizer, path: str, *, max_tokens: int = 4096) -> int:
+    """calibrate(model, the first `max_tokens` tokens of the text file `path`); returns
+    how many tokens it used. Use text the evaluation does not score."""
+    from forkdec.eval.ppl import read_tokens
+
+    require(isinstance(max_tokens, int) and max_tokens >= 1, "max_tokens", f"must be an int >= 1, got {max_tokens!r}")
+    ids = read_tokens(path, tokenizer, max_tokens)
+    calibrate(model, ids)
+    return len(ids)
+
+
 def calibrated_factors(w: Tensor, rank: int, moment: Tensor) -> tuple[Tensor, Tensor]:
     """w [hidden, out], moment C [hidden, hidden] -> (down [hidden, rank], up [rank, out]) fp32
     with up = Bᵀ (orthonormal rows, B the top-`rank` eigenvectors of wᵀ·C·w), down = w·B."""
