@@ -59,3 +59,23 @@ def gpu_facts(device: torch.device, copy_gbs: float, peak: Optional[float], extr
         "nominal peak": f"{peak:.0f} GB/s" if peak else "device not in the table (see 'of copy')",
         **extra,
     })
+
+
+def timed_row(label: list[str], impl, check, call, nbytes: float, copy_gbs: float, peak: Optional[float],
+              blanks: int = 5) -> tuple[list[str], Optional[float]]:
+    """One table row for `impl` (a callable, or a string saying why it cannot run):
+    check() first (its text ends the row: an error, a count), then call() timed with
+    do_bench: label + [ms, GB/s, of copy, of peak, check] (+ note). Returns (row, ms or None)."""
+    from triton.testing import do_bench
+
+    if isinstance(impl, str):
+        return label + ["-"] * blanks + [f"n/a: {impl}"], None
+    try:
+        checked = check()
+        ms = do_bench(call, return_mode="median")
+    except Exception as e:  # e.g. a dtype or shape an external kernel does not take
+        return label + ["-"] * blanks + [f"error: {type(e).__name__}: {str(e).splitlines()[0][:80]}"], None
+    gbs = nbytes / (ms * 1e-3) / 1e9
+    row = label + [f"{ms:.3f}", f"{gbs:.0f}", f"{gbs / copy_gbs:.0%}", f"{gbs / peak:.0%}" if peak else "-", checked]
+    print(" | ".join(row))
+    return row, ms

@@ -18,7 +18,7 @@ from typing import Callable, Optional
 
 import torch
 
-from forkdec.bench.gpu_common import device_bandwidth, gpu_facts, parse_shape_cases
+from forkdec.bench.gpu_common import device_bandwidth, gpu_facts, parse_shape_cases, timed_row
 
 from forkdec.bench.sampling import torch_sample
 
@@ -112,8 +112,6 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def measure(cases: list[tuple[tuple[int, int], str]], out_dir: Optional[str]) -> int:
-    from triton.testing import do_bench
-
     from forkdec.bench.common import markdown_table, results_dir, write_report
 
     device = torch.device("cuda")
@@ -126,19 +124,9 @@ def measure(cases: list[tuple[tuple[int, int], str]], out_dir: Optional[str]) ->
         nbytes = x.numel() * x.element_size()
         for name, impl in impls.items():
             label = [f"{shape[0]}x{shape[1]}", dtype_name, name]
-            if isinstance(impl, str):
-                rows.append(label + ["-"] * 5 + [f"n/a: {impl}"])
-                continue
-            try:
-                bad = out_of_support(impl, x)
-                ms = do_bench(lambda: impl(x), return_mode="median")
-            except Exception as e:  # e.g. a dtype an external kernel does not take
-                rows.append(label + ["-"] * 5 + [f"error: {type(e).__name__}: {str(e).splitlines()[0][:80]}"])
-                continue
-            gbs = nbytes / (ms * 1e-3) / 1e9
-            rows.append(label + [f"{ms:.3f}", f"{gbs:.0f}", f"{gbs / copy_gbs:.0%}",
-                                 f"{gbs / peak:.0%}" if peak else "-", str(bad), ""])
-            print(" | ".join(rows[-1]))
+            row, ms = timed_row(label, impl, lambda: str(out_of_support(impl, x)), lambda: impl(x), nbytes, copy_gbs,
+                                peak)
+            rows.append(row + ([""] if ms is not None else []))
         del x
         torch.cuda.empty_cache()
 

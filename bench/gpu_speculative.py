@@ -21,7 +21,7 @@ from typing import Callable, Optional
 
 import torch
 
-from forkdec.bench.gpu_common import device_bandwidth, gpu_facts
+from forkdec.bench.gpu_common import device_bandwidth, gpu_facts, timed_row
 
 
 # (kind, requests, nodes or chain length, vocab)
@@ -150,8 +150,6 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def measure(dtype_names: list[str], out_dir: Optional[str]) -> int:
-    from triton.testing import do_bench
-
     from forkdec.bench.common import markdown_table, results_dir, write_report
 
     device = torch.device("cuda")
@@ -162,19 +160,9 @@ def measure(dtype_names: list[str], out_dir: Optional[str]) -> int:
             x = make_inputs(*case, DTYPES[dtype_name], device)
             for name, impl in implementations(device).items():
                 label = [f"{case[0]} B={case[1]} n={case[2]} V={case[3]}", dtype_name, name]
-                if isinstance(impl, str):
-                    rows.append(label + ["-"] * 5 + [f"n/a: {impl}"])
-                    continue
-                try:
-                    accepted = float(impl(x).float().mean())
-                    ms = do_bench(lambda: impl(x), return_mode="median")
-                except Exception as e:  # e.g. FlashInfer on a tree
-                    rows.append(label + ["-"] * 5 + [f"error: {type(e).__name__}: {str(e).splitlines()[0][:80]}"])
-                    continue
-                gbs = nbytes(x) / (ms * 1e-3) / 1e9
-                rows.append(label + [f"{ms:.3f}", f"{gbs:.0f}", f"{gbs / copy_gbs:.0%}",
-                                     f"{gbs / peak:.0%}" if peak else "-", f"{accepted:.2f}", ""])
-                print(" | ".join(rows[-1]))
+                row, ms = timed_row(label, impl, lambda: f"{float(impl(x).float().mean()):.2f}", lambda: impl(x),
+                                    nbytes(x), copy_gbs, peak)
+                rows.append(row + ([""] if ms is not None else []))
             del x
             torch.cuda.empty_cache()
     header = ["case", "dtype", "implementation", "ms", "effective GB/s", "of copy", "of peak", "mean accepted",

@@ -52,3 +52,18 @@ def test_every_bench_area_imports_and_has_run():
     from forkdec.cli import BENCH_AREAS
     for area, module in BENCH_AREAS.items():
         assert callable(importlib.import_module(module).run), area
+
+
+def test_gpu_timed_row_reports_unavailable_failed_and_timed_implementations(monkeypatch):
+    pytest.importorskip("triton", reason="the GPU benchmarks time with triton.testing.do_bench")
+    import triton.testing
+
+    from forkdec.bench.gpu_common import timed_row
+
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, return_mode: (fn(), 2.0)[1])  # 2 ms, no GPU needed
+    row, ms = timed_row(["a"], "flashinfer is not installed", None, None, 1e9, 500.0, None)
+    assert ms is None and row == ["a", "-", "-", "-", "-", "-", "n/a: flashinfer is not installed"]
+    row, ms = timed_row(["a"], lambda: 0, lambda: 1 / 0, None, 1e9, 500.0, None)
+    assert ms is None and row[-1].startswith("error: ZeroDivisionError")
+    row, ms = timed_row(["a"], lambda: 0, lambda: "ok", lambda: None, 4e9, 1000.0, 4000.0)
+    assert ms == 2.0 and row == ["a", "2.000", "2000", "200%", "50%", "ok"]
