@@ -265,10 +265,3 @@ def test_speculation_on_a_tiny_llama_model_with_an_fp_cache_kind_is_lossless(kv)
     assert eng.last_stats.speculative_steps > 0  # trees were verified, not just plain steps
     assert [c.token_ids for c in got] == [c.token_ids for c in want]
 
-
-def test_speculation_over_a_quantized_cache_is_refused_naming_speculate():
-    from test_kv_engine import tiny_engine
-
-    with pytest.raises(ValueError, match=r"^speculate: .*quantized"):
-        tiny_engine("kivi-4").generate("hi", n=1, params=SamplingParams(max_new_tokens=4, speculate="ngram"),
-                                       chat=False)

@@ -59,13 +59,13 @@ class FourTokenModel:
         return logits * 2 + keep
 
 
-def four_token_engine(kv: str) -> Engine:
+def four_token_engine(kv: str, **kw) -> Engine:
     """The tiny llama of tests/test_kv_engine.py restricted to "abc ": greedy decoding falls into
     repetitions the n-gram drafter finds, so trees are accepted often (the unrestricted model's
     greedy text rarely repeats, and nearly every draft would be rejected)."""
     base = tiny_model(seed=3, vocab_size=272)
     base.config.eos_token_ids = []
-    return Engine(FourTokenModel(base), tokenizer=NoEosTokenizer(), kv=kv)
+    return Engine(FourTokenModel(base), tokenizer=NoEosTokenizer(), kv=kv, **kw)
 
 
 def _spec(params: SamplingParams) -> SamplingParams:
@@ -107,6 +107,18 @@ def test_greedy_speculation_equals_plain_greedy_with_the_same_quantized_kind(mon
         assert sum(flushed) > 0, flushed
     assert eng.cache.allocator.num_used == 0 and eng.cache.allocator.num_reserved == 0
     assert eng.cache.bytes_used == 0 and not bool(eng.cache.quant.any())
+
+
+def test_speculation_over_a_quantized_cache_keeps_within_a_tight_kv_budget():
+    params = SamplingParams(temperature=0, max_new_tokens=100)
+    eng = four_token_engine("xquant-4-r0")
+    plain = eng.generate(PROMPTS[1], n=5, params=params, chat=False)
+    # room for the prompt's page and two paths of 2 pages: the others wait; trees must fit the reservations
+    small = four_token_engine("xquant-4-r0", kv_budget_bytes=(1 + 2 * 2) * eng.page_bytes)
+    out = small.generate(PROMPTS[1], n=5, params=_spec(params), chat=False)
+    assert [c.token_ids for c in out[0]] == [c.token_ids for c in plain[0]]
+    assert small.last_stats.speculative_steps > 0 and small.cache.num_pages == 5
+    assert small.cache.allocator.num_used == 0 and small.cache.allocator.num_reserved == 0
 
 
 @pytest.mark.parametrize("kv, residual", [("xquant-4-r0", 0), ("kivi-4-r64", 64)])

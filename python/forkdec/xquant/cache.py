@@ -175,17 +175,17 @@ class QuantizedKVCache:
         self._pending = None  # a tree step never accepted (an aborted call) leaves nothing to flush
         p = self.page_size
         slots = batch.slots.long().cpu()
+        masked = [lv for lv in batch.levels if lv.custom_mask is not None]
+        require(len(masked) <= 1, "levels", "a quantized cache takes at most one tree-masked level")
+        require(not masked or int(masked[0].qo_indptr[-1]) == slots.numel(), "levels",
+                "a tree-masked level's queries must be all of the step's tokens")
         pages, offs = slots // p, slots % p
         for page in torch.unique(pages).tolist():
             require(not bool(self.quant[page]), "slots", f"page {page} is quantized and cannot take new tokens")
             if int(self.slot_of[page]) < 0:
                 self.slot_of[page] = self._slot()
-        masked = [lv for lv in batch.levels if lv.custom_mask is not None]
-        require(len(masked) <= 1, "levels", "a quantized cache takes at most one tree-masked level")
         positions = batch.positions.long().cpu()
         if masked:
-            require(int(masked[0].qo_indptr[-1]) == slots.numel(), "levels",
-                    "a tree-masked level's queries must be all of the step's tokens")
             self.start_pos[pages] = slot_positions(positions, masked[0].qo_indptr.cpu()) - offs
         else:
             self.start_pos[pages] = positions - offs
