@@ -86,7 +86,7 @@ def _count_flushes_in_accept(monkeypatch) -> list[int]:
 
 
 @pytest.mark.parametrize("kv", ["xquant-latent-4-r0", "xquant-4-r0", "xquant-cl-4-r0", "kivi-4-r64",
-                                "xquant-latent-4"])
+                                "xquant-latent-4", "kivi-4"])
 def test_greedy_speculation_equals_plain_greedy_with_the_same_quantized_kind(monkeypatch, kv):
     # the default window (R = 128) flushes a path after 192 tokens: a 360-byte prompt flushes instead
     prompts = PROMPTS if "-r" in kv else [PROMPT * 2] + PROMPTS[1:]
