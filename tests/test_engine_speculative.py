@@ -204,18 +204,25 @@ def _real_model_missing() -> str | None:
     return None
 
 
+REAL_PROMPTS = ["Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+                "How many clips did Natalia sell altogether in April and May? Think step by step.",
+                "Write a Python function that returns the n-th Fibonacci number, with a docstring and a test.",
+                "List the numbers from 1 to 40, separated by commas."]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32])
 def test_real_model_greedy_speculation_equals_plain_greedy(dtype):
+    check_real_model_greedy(dtype, REAL_PROMPTS)
+
+
+def check_real_model_greedy(dtype: torch.dtype, prompts: list[str], kv: str | None = None) -> None:
+    """Greedy speculation on the default model equals plain greedy decoding, 128 tokens a prompt."""
     reason = _real_model_missing()
     if reason:
         pytest.skip(reason)
     # fp32: the tree step's matmuls have other shapes than a plain step's; in fp32 that cannot flip a
     # near-tie argmax over these prompts (bf16 rounding could, and then the comparison would test rounding)
-    eng = Engine(dtype=dtype, kv_budget_bytes=256 << 20)
-    prompts = ["Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
-               "How many clips did Natalia sell altogether in April and May? Think step by step.",
-               "Write a Python function that returns the n-th Fibonacci number, with a docstring and a test.",
-               "List the numbers from 1 to 40, separated by commas."]
+    eng = Engine(dtype=dtype, kv_budget_bytes=256 << 20, kv=kv)
     base = SamplingParams(temperature=0, max_new_tokens=128, ignore_eos=True)
     plain = eng.generate(prompts, n=1, params=base)
     # a fixed budget (every step verifies what the drafter found), small to keep the fp32 forward cheap
@@ -265,10 +272,3 @@ def test_speculation_on_a_tiny_llama_model_with_an_fp_cache_kind_is_lossless(kv)
     assert eng.last_stats.speculative_steps > 0  # trees were verified, not just plain steps
     assert [c.token_ids for c in got] == [c.token_ids for c in want]
 
-
-def test_speculation_over_a_quantized_cache_is_refused_naming_speculate():
-    from test_kv_engine import tiny_engine
-
-    with pytest.raises(ValueError, match=r"^speculate: .*quantized"):
-        tiny_engine("kivi-4").generate("hi", n=1, params=SamplingParams(max_new_tokens=4, speculate="ngram"),
-                                       chat=False)

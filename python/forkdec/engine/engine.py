@@ -176,9 +176,6 @@ class _Run:
         self.stats = GenerateStats(prompt_tokens=[len(s.token_ids) for s in states],
                                    kv_bytes_per_token=engine.page_bytes // ps)
         self.backend = pick_backend(self.cache.device)
-        # Tree verification writes draft K/V and keeps the accepted rows in place: fp pages only for now.
-        require(params.speculate == "off" or isinstance(self.cache, PagedKVCache), "speculate",
-                f"speculative decoding needs a full-precision K/V cache; kv={engine.kv!r} is quantized")
         self.speculator = Speculator(self) if params.speculate != "off" else None
         self.t0 = time.perf_counter()
 

@@ -89,6 +89,8 @@ class Speculator:
         # room: slots the path's pages and reservation still hold after the root; depth: tokens left - 1
         room = [(len(p.pages) + p.reserved) * ps - p.kv_len - 1 for p in paths]
         depth = [min(self.depth, max_new - len(p.token_ids) - 1) for p in paths]
+        if hasattr(run.cache, "max_draft_depth"):  # a quantized cache: a tree stops at the path's next flush
+            depth = [min(d, run.cache.max_draft_depth(p.pages, p.kv_len)) for d, p in zip(depth, paths)]
         ranked = rank_nodes(tables, tails, room, depth, self.budget, acceptance=self.acceptance)
         k = self.control.choose(len(paths), [r.score for r in ranked])
         stats = run.stats
@@ -180,9 +182,12 @@ def keep_accepted_kv(run: "_Run", paths: list[PathState], tree: TreeInputs, node
     of num_layers * num_pages pages: node slots of layer l are offset by l * pages * page_size.
     """
     cache = run.cache
-    layers, pages, ps = cache.k.shape[0], cache.k.shape[1], cache.page_size
+    ps = cache.page_size
     n = tree.node_slots.numel()
-    if n and bool((accepted > 0).any()):
+    if hasattr(cache, "keep_accepted"):  # a quantized cache moves its window rows, then flushes
+        cache.keep_accepted(tree.node_slots, tree.tree_indptr, nodes, accepted)
+    elif n and bool((accepted > 0).any()):
+        layers, pages = cache.k.shape[0], cache.k.shape[1]
         offsets = torch.arange(layers, dtype=torch.int64)[:, None] * (pages * ps)
         slots = (tree.node_slots[None] + offsets).reshape(-1)
         indptr = torch.cat([tree.tree_indptr[:1].long(), (tree.tree_indptr[1:].long()[None] +

@@ -19,6 +19,15 @@ and its window part and merges the parts' states by LSE:
   (RMSNorm without its weight; X = weight_l ⊙ it). Per step, a workspace
   accumulates the dequantized deltas of the quantized pages layer by layer
   (closed loop); X from it goes to `ops.xquant_attention` as float pages.
+
+Tree verification (a level with a custom mask, forkdec.xquant.tree_step): the
+step's own tokens (root and draft nodes, all in the window) are a third part,
+attended with the mask's columns over them; nothing is flushed until
+`keep_accepted` has moved the accepted nodes' window rows behind the root, so
+unverified tokens never reach quantized pages. `max_draft_depth` keeps a tree
+within the path's current flush interval: a node beyond it would read in full
+precision a page that plain decoding reads quantized, and could be accepted
+where plain greedy decoding picks another token.
 """
 from __future__ import annotations
 
@@ -29,10 +38,12 @@ from torch import Tensor
 
 import forkdec.ops as ops
 from forkdec.engine.kv_cache import PageAllocator
+from forkdec.tree import accepted_kv_slots
 from forkdec.validation import require, validation, validation_enabled
 from forkdec.xquant.accounting import stream_widths, window_dtype
 from forkdec.xquant.kinds import KVKind
 from forkdec.xquant.pages import QuantizedPages
+from forkdec.xquant.tree_step import mask_columns, rope_keys, slot_positions, values
 from forkdec.xquant.weights import layer_weights, rope_tables, unit_rms
 
 
@@ -48,6 +59,10 @@ class _Part:
     causal: bool
     gather: Tensor | None = None  # unique pages/slots read, when the family gathers them
     local: Tensor | None = None   # kv_indices renumbered into `gather`
+    mask: Tensor | None = None    # a tree step: flat bool, the tree mask's columns over this part's keys
+    rows: Tensor | None = None    # a tree step's own tokens (X families): their window rows, one key each,
+    cos: Tensor | None = None     # and RoPE at their true positions [T, D]
+    sin: Tensor | None = None
 
 
 @dataclass
@@ -58,6 +73,7 @@ class _Step:
     cl_acc: Tensor | None = None        # xquant-cl: accumulated residual stream of the quantized pages read
     cl_pages: Tensor | None = None
     layer: int = -1
+    tree: list[tuple[int, int]] | None = None  # a tree step: per path (index in sequences, draft nodes)
 
 
 class QuantizedKVCache:
@@ -88,6 +104,7 @@ class QuantizedKVCache:
         self.quant = torch.zeros(num_pages, dtype=torch.bool)
         self.start_pos = torch.zeros(num_pages, dtype=torch.long)
         self._free_slots: list[int] = []
+        self._pending: _Step | None = None  # a tree step waiting for keep_accepted (its flush deferred)
 
     # ---- memory ---------------------------------------------------------------------------------
     @staticmethod
@@ -145,46 +162,78 @@ class QuantizedKVCache:
                 self._write(layer, step, k, v, x, residual)
                 out = self._attend(layer, q, step, backend)
             if layer == self.num_layers - 1:
-                self._flush(step)
+                if step.tree is None:
+                    self._flush(step)
+                else:  # flushed by keep_accepted, once the accepted nodes are known
+                    self._pending = step
             return out
 
         attend.needs_layer_input = True  # the model passes x (post-norm) and residual (pre-norm)
         return attend
 
     def _prepare(self, batch) -> _Step:
+        self._pending = None  # a tree step never accepted (an aborted call) leaves nothing to flush
         p = self.page_size
         slots = batch.slots.long().cpu()
+        masked = [lv for lv in batch.levels if lv.custom_mask is not None]
+        require(len(masked) <= 1, "levels", "a quantized cache takes at most one tree-masked level")
+        require(not masked or int(masked[0].qo_indptr[-1]) == slots.numel(), "levels",
+                "a tree-masked level's queries must be all of the step's tokens")
         pages, offs = slots // p, slots % p
         for page in torch.unique(pages).tolist():
             require(not bool(self.quant[page]), "slots", f"page {page} is quantized and cannot take new tokens")
             if int(self.slot_of[page]) < 0:
                 self.slot_of[page] = self._slot()
-        self.start_pos[pages] = batch.positions.long().cpu() - offs
+        positions = batch.positions.long().cpu()
+        if masked:
+            self.start_pos[pages] = slot_positions(positions, masked[0].qo_indptr.cpu()) - offs
+        else:
+            self.start_pos[pages] = positions - offs
         rows = self.slot_of[pages] * p + offs
         quant, slot_of, start = self.quant.tolist(), self.slot_of.tolist(), self.start_pos.tolist()
         parts, sequences = [], []
+        tree: list[tuple[int, int]] | None = None
         for lv in batch.levels:
-            require(lv.custom_mask is None, "levels", "quantized caches do not take custom masks yet")
             indptr, idx, last = lv.kv_indptr.tolist(), lv.kv_indices.tolist(), lv.kv_last_page_len.tolist()
+            qo = lv.qo_indptr.tolist()
             qtab: list[list[int]] = []
             ftab: list[list[int]] = []
-            flast, qstart, fstart = [], [], []
+            flast, qstart, fstart, kv_lens = [], [], [], []
             for b in range(len(indptr) - 1):
                 pg = idx[indptr[b]:indptr[b + 1]]
                 nq = 0
                 while nq < len(pg) and quant[pg[nq]]:
                     nq += 1
+                window = (len(pg) - nq - 1) * p + last[b] if len(pg) > nq else 0
+                kv_lens.append(nq * p + window)
+                if lv.custom_mask is not None:
+                    require(window >= qo[b + 1] - qo[b], "levels", "a tree step's tokens must be in the window")
+                if lv.custom_mask is not None and self.kind.family != "kivi":  # stop before the step's tokens
+                    older = window - (qo[b + 1] - qo[b])
+                    keep = -(-older // p)
+                    ftab.append([slot_of[g] for g in pg[nq:nq + keep]])
+                    flast.append(older - (keep - 1) * p if keep else 0)
+                else:
+                    ftab.append([slot_of[g] for g in pg[nq:]])
+                    flast.append(last[b] if len(pg) > nq else 0)
                 qtab.append(pg[:nq])
-                ftab.append([slot_of[g] for g in pg[nq:]])
-                flast.append(last[b] if len(pg) > nq else 0)
                 qstart.append(start[pg[0]] if nq else 0)
                 fstart.append(start[pg[nq]] if len(pg) > nq else 0)
-                sequences.append((pg[nq:], (len(pg) - nq - 1) * p + last[b] if len(pg) > nq else 0))
+                sequences.append((pg[nq:], window))
             if any(qtab):
                 parts.append(self._part(True, lv.qo_indptr, qtab, [p if t else 0 for t in qtab], qstart, False))
             if any(ftab):
                 parts.append(self._part(False, lv.qo_indptr, ftab, flast, fstart, lv.causal))
-        step = _Step(rows, parts, sequences)
+            if lv.custom_mask is not None:
+                qo_lens = [qo[b + 1] - qo[b] for b in range(len(qo) - 1)]
+                first = len(sequences) - len(qo_lens)
+                tree = [(first + b, n - 1) for b, n in enumerate(qo_lens)]
+                if self.kind.family == "kivi":  # the window part, in one call as in a decode step, masked
+                    parts[-1].mask = mask_columns(lv.custom_mask.cpu(), qo_lens, kv_lens,
+                                                  [len(t) * p for t in qtab])
+                else:
+                    parts.append(self._step_tokens(lv, rows, positions, slots, qo_lens, kv_lens))
+        step = _Step(rows, parts, sequences, tree=tree)
         if self.kind.family == "xquant-cl":
             step.cl_pages = torch.unique(torch.cat([pt.kv_indices.long() for pt in parts if pt.quantized]
                                                    or [torch.zeros(0, dtype=torch.long)]))
@@ -205,6 +254,25 @@ class QuantizedKVCache:
             part.gather, inverse = torch.unique(indices.long(), return_inverse=True)
             part.local = inverse.to(i32)
         return part
+
+    def _step_tokens(self, lv, rows: Tensor, positions: Tensor, slots: Tensor, qo_lens: list[int],
+                     kv_lens: list[int]) -> _Part:
+        """The part of a tree-masked level over the step's own tokens: request b's rows
+        qo_indptr[b]..qo_indptr[b + 1] of the batch, written (in that order) as its newest tokens."""
+        p, i32 = self.page_size, torch.int32
+        if validation_enabled():
+            indptr, idx, qo = lv.kv_indptr.tolist(), lv.kv_indices.tolist(), lv.qo_indptr.tolist()
+            for b, (q, k) in enumerate(zip(qo_lens, kv_lens)):
+                pg = idx[indptr[b]:indptr[b + 1]]
+                want = [pg[i // p] * p + i % p for i in range(k - q, k)]
+                require(slots[qo[b]:qo[b + 1]].tolist() == want, "slots",
+                        f"request {b} of the tree-masked level: its rows must fill its last {q} slots in order")
+        counts = torch.tensor(qo_lens, dtype=torch.long)
+        return _Part(False, lv.qo_indptr.to(i32), lv.qo_indptr.to(i32), torch.arange(rows.numel(), dtype=i32),
+                     (counts > 0).to(i32), torch.zeros(len(qo_lens), dtype=torch.int64), False, rows=rows,
+                     mask=mask_columns(lv.custom_mask.cpu(), qo_lens, kv_lens,
+                                       [k - q for q, k in zip(qo_lens, kv_lens)]),
+                     cos=self.rope_cos[positions], sin=self.rope_sin[positions])
 
     # ---- per layer ------------------------------------------------------------------------------
     def _write(self, layer: int, step: _Step, k: Tensor, v: Tensor, x: Tensor | None,
@@ -244,6 +312,8 @@ class QuantizedKVCache:
 
     def _attend_part(self, layer: int, q: Tensor, part: _Part, step: _Step, backend: str) -> tuple[Tensor, Tensor]:
         family, w = self.kind.family, self.weights[layer]
+        if part.rows is not None:
+            return self._attend_step_tokens(layer, q, part, backend)
         if family == "kivi":
             hkv, d = self.config.num_kv_heads, self.config.head_dim
             if part.quantized:
@@ -255,7 +325,8 @@ class QuantizedKVCache:
             shape = (kc.shape[0], self.page_size, hkv, d)
             qq = q.to(kc.dtype)
             return ops.attention(qq, part.qo_indptr, kc.view(shape), vc.view(shape), part.kv_indptr, indices,
-                                 part.kv_last_page_len, causal=part.causal, return_lse=True, backend=backend)
+                                 part.kv_last_page_len, causal=part.causal, custom_mask=part.mask,
+                                 return_lse=True, backend=backend)
         indices = part.kv_indices
         if family == "xquant-cl":
             u = step.cl_acc if part.quantized else self.fp["x"][layer][part.gather].float()
@@ -269,6 +340,52 @@ class QuantizedKVCache:
         return ops.xquant_attention(q, part.qo_indptr, xk, xv, part.kv_indptr, indices, part.kv_last_page_len,
                                     part.kv_start_pos, w.wk, w.wv, self.rope_cos, self.rope_sin, bk=w.bk, bv=w.bv,
                                     causal=part.causal, return_lse=True, backend=backend)
+
+    def _attend_step_tokens(self, layer: int, q: Tensor, part: _Part, backend: str) -> tuple[Tensor, Tensor]:
+        """A tree step's own tokens (X-caching families): K and V from their window rows, RoPE at
+        the tokens' true positions, one key per row, under the tree mask."""
+        w, d = self.weights[layer], self.config.head_dim
+        row = {name: t[layer].view(-1, t.shape[-1])[part.rows] for name, t in self.fp.items()}
+        xk, xv = (row["x"], row["x"]) if "x" in row else (row["k"], row["v"])
+        if self.kind.family == "xquant-cl":
+            xk = xv = xk.float() * w.norm
+        k = rope_keys(xk, w.wk, w.bk, part.cos, part.sin, d)
+        v = values(xv, w.wv, w.bv, d)
+        return ops.attention(q.float(), part.qo_indptr, k[:, None], v[:, None], part.kv_indptr, part.kv_indices,
+                             part.kv_last_page_len, custom_mask=part.mask, return_lse=True, backend=backend)
+
+    # ---- after a tree step ----------------------------------------------------------------------
+    def max_draft_depth(self, pages: list[int], kv_len: int) -> int:
+        """Deepest draft node a path holding `kv_len` own tokens on `pages` may have verified:
+        plain decoding flushes the path's oldest window page once R + page_size tokens are in
+        the window, and a node past that point must read the page quantized, as plain decoding
+        does, not in full precision, as the tree step (which flushes only after acceptance) would."""
+        p = self.page_size
+        quantized = int(self.quant[pages].sum()) if pages else 0
+        return self.kind.residual + p - 1 - (kv_len - quantized * p)
+
+    def keep_accepted(self, node_slots: Tensor, tree_indptr: Tensor, accepted_nodes: Tensor,
+                      num_accepted: Tensor) -> None:
+        """After the tree step just run: copy each path's accepted nodes' window rows (every layer
+        and stream) to the slots after its root, as forkdec.tree.accept_path_kv does for K/V pages
+        (same arguments), then flush what has left the window by now. The cache then holds what
+        plain decoding of the accepted tokens holds; the engine frees the pages past them."""
+        step = self._pending
+        require(step is not None and step.tree is not None, "keep_accepted",
+                "no tree step is waiting for its accepted nodes")
+        self._pending = None
+        p = self.page_size
+        slots = node_slots.long().cpu()
+        rows = self.slot_of[slots // p] * p + slots % p
+        src, dst = accepted_kv_slots(rows, tree_indptr.cpu(), accepted_nodes.cpu(), num_accepted.cpu())
+        if src.numel():
+            for t in self.fp.values():
+                flat = t.view(t.shape[0], -1, t.shape[-1])
+                flat[:, dst] = flat[:, src]  # the gather copies: sources are read before any write
+        for (i, nodes), num in zip(step.tree, num_accepted.tolist()):
+            pages, window = step.sequences[i]
+            step.sequences[i] = (pages, window - nodes + num)
+        self._flush(step)
 
     # ---- after the last layer -------------------------------------------------------------------
     def _flush(self, step: _Step) -> None:
