@@ -70,6 +70,9 @@ def unpack_codes(packed: Tensor, bits: int, group_size: int) -> Tensor:
     if bits == 8:
         return packed
     n = packed.shape[0]
+    if 8 % bits == 0:  # 2 and 4 bits: whole codes per byte, lowest bits first; no bit stream needed
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+        return ((packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).reshape(n, group_size)
     stream = ((packed.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1).reshape(n, group_size, bits)
     return (stream << torch.arange(bits, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
 
