@@ -93,6 +93,16 @@ def test_when_nothing_pays_speculation_holds_off_without_drafting_and_backs_off(
     assert kinds.count("t") <= 2 and c.holds == 6
 
 
+def test_idle_steps_do_not_hold_speculation_off_when_the_step_is_overhead_bound():
+    c = _trained(a=0.02, b=0.0005, batch=1)         # n=1: a node pays from ~2.5% acceptance
+    assert not c.compute_bound(1) and _trained(a=0.002, b=0.001, batch=64).compute_bound(64)
+    # drafts too unlikely to pay for 40 steps (new text): plain steps that keep drafting, no hold,
+    # so the first repetition is drafted and verified at once
+    kinds = "".join(_step(c, 1, (0.001,), 50, 50, 0.0205) for _ in range(40))
+    assert kinds == "p" * 40 and c.holds == 0
+    assert _step(c, 1, (0.9, 0.8), 50, 50, 0.0205) == "t"
+
+
 def test_measured_losing_trees_switch_speculation_off_with_rarer_retries():
     c = SpeculationControl()
     c.observe(4, 0.01, emitted=4)                      # one plain step measured

@@ -88,23 +88,28 @@ class SpeculationControl:
 
     Each drafted step, the cost model and the calibrated scores of this step's drafts pick
     the tree: the k that maximizes expected tokens/s, kept only if it beats a plain step
-    by `gain_margin` (0 = a plain step). Two things hold speculation off, for `hold` plain
-    steps that do not even draft (at large batches drafting itself costs a few percent):
-    `patience` drafted steps in a row on which nothing paid, or the safety net against a
-    wrong cost model: once `min_samples` tree steps are measured, the measured throughput
-    of tree steps and plain steps (tokens per second, moving averages) is compared, and
-    while trees measure more than `margin` below plain steps no tree is verified. The hold
-    doubles (up to `max_hold`) each time it ends without a tree that pays, and drops back
-    when trees win again. The first step after a hold is a probe: it drafts, and if the
-    net holds trees off it verifies them anyway (the model's choice, or the whole draft),
-    so the measured tree rate stays current; its cost is in the measured rates like any
-    step's. While trees win, a plain step every `plain_every` steps keeps the plain rate
-    current. adaptive=False verifies every node the budget took (for comparisons).
+    by `gain_margin` (else k = 0, a plain step). Two things hold speculation off for a
+    while, `hold` plain steps that do not even draft (at large batches drafting itself
+    costs a few percent of a step):
+    - in the compute-bound regime (`compute_bound`), `patience` drafted steps in a row on
+      which nothing paid;
+    - the safety net against a wrong cost model: once `min_samples` tree steps are
+      measured, the measured tokens/s of recent tree steps and plain steps (ratios of
+      sums over `rate_window` steps of each kind) are compared, and while trees measure
+      more than `margin` below plain steps no tree is verified.
+    The hold doubles (up to `max_hold`) each time it ends without a tree that pays, and
+    drops back when trees win again. The first drafted step after a hold is a probe: if
+    the net holds trees off it verifies them anyway (the model's choice, or the whole
+    draft), so the measured tree rate stays current; its cost counts in the measured
+    rates like any step's. While trees win, a plain step every `plain_every` steps keeps
+    the plain rate current. The first `learn` tree steps verify the whole draft (no fit
+    yet). adaptive=False verifies every node the budget took (for comparisons).
     """
 
     def __init__(self, adaptive: bool = True, window: int = 48, calibration_window: int = 16,
                  prior_tokens: float = 2.0, rate_window: int = 16, min_samples: int = 4, margin: float = 0.02, gain_margin: float = 0.03, patience: int = 3,
-                 hold: int = 4, max_hold: int = 256, plain_every: int = 16, learn: int = 2) -> None:
+                 hold: int = 4, max_hold: int = 256, plain_every: int = 16, learn: int = 2,
+                 hold_above: float = 0.5) -> None:
         self.adaptive = adaptive
         self.learn = learn  # tree steps verified whole at the start, to measure what they cost and yield
         self.cost = StepCostModel(window)
@@ -121,6 +126,7 @@ class SpeculationControl:
         self.samples = {False: 0, True: 0}                               # steps measured of each kind
         self.min_samples, self.margin = min_samples, margin
         self.gain_margin, self.patience, self.plain_every = gain_margin, patience, plain_every
+        self.hold_above = hold_above
         self.hold_base, self.hold_next, self.max_hold = hold, hold, max_hold
         self.held = 0        # plain steps without drafting left before the next probe
         self.probe = False   # this step ends a hold
@@ -174,9 +180,9 @@ class SpeculationControl:
         """How many of the ranked nodes (scores best first) to verify with `batch` paths."""
         if not self.adaptive:
             return len(scores)
-        probe, self.probe = self.probe, False
         if not scores:
-            return 0
+            return 0  # nothing to verify (a pending probe waits for a step with drafts)
+        probe, self.probe = self.probe, False
         k, gain = self.model_choice(batch, scores)
         if self.samples[True] < self.learn:
             return k  # still learning what a tree step costs and yields
@@ -193,9 +199,20 @@ class SpeculationControl:
             self.idle = 0
             return k
         self.idle += 1
-        if probe or self.idle >= self.patience:
+        if (probe or self.idle >= self.patience) and self.compute_bound(batch):
             self._hold()
         return 0
+
+    def compute_bound(self, batch: int) -> bool:
+        """Whether a draft node must be accepted with probability >= `hold_above` just to pay for its
+        own token, b*B / (a + b*B) by the cost model: there, steps on which nothing pays mean trees
+        rarely will, and skipping the drafting is worth it. Below (small batches), drafting costs
+        next to nothing and a repetition may start any step, so speculation is not held off on idle."""
+        fit = self.cost.fit()
+        if fit is None:
+            return False
+        a, _, b = fit
+        return b * batch / (a + b * batch) >= self.hold_above
 
     def _hold(self) -> None:
         self.held, self.idle = self.hold_next, 0
