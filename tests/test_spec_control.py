@@ -65,7 +65,13 @@ def test_a_gain_below_the_margin_is_not_worth_a_tree():
     k, gain = c.model_choice(64, [0.999])
     assert k == 1 and 0 < gain < 0.01
     assert c.choose(64, [0.999]) == 0
-    assert _trained(a=0.002, b=0.001, batch=64, gain_margin=0.0).choose(64, [0.999]) == 1
+    # compute-bound (a node must be accepted > 50% of the time to pay): the stricter margin applies
+    assert _trained(a=0.002, b=0.001, batch=64, gain_margin=0.0).choose(64, [0.999]) == 0
+    assert _trained(a=0.002, b=0.001, batch=64, bound_gain_margin=0.0).choose(64, [0.999]) == 1
+    # overhead-bound (n=1): a 5% gain is taken, the compute-bound margin of 10% does not apply
+    c = _trained(a=0.02, b=0.0005, batch=1)
+    k, gain = c.model_choice(1, [0.06])
+    assert k == 1 and 0.03 < gain < 0.1 and c.choose(1, [0.06]) == 1
 
 
 def _step(control, batch, scores, plain_rate, tree_rate, seconds=0.01):

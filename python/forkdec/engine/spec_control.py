@@ -88,7 +88,8 @@ class SpeculationControl:
 
     Each drafted step, the cost model and the calibrated scores of this step's drafts pick
     the tree: the k that maximizes expected tokens/s, kept only if it beats a plain step
-    by `gain_margin` (else k = 0, a plain step). Two things hold speculation off for a
+    by `gain_margin`, or `bound_gain_margin` where the step is compute-bound (else k = 0,
+    a plain step). Two things hold speculation off for a
     while, `hold` plain steps that do not even draft (at large batches drafting itself
     costs a few percent of a step):
     - in the compute-bound regime (`compute_bound`), `patience` drafted steps in a row on
@@ -109,7 +110,7 @@ class SpeculationControl:
     def __init__(self, adaptive: bool = True, window: int = 48, calibration_window: int = 16,
                  prior_tokens: float = 2.0, rate_window: int = 16, min_samples: int = 4, margin: float = 0.02, gain_margin: float = 0.03, patience: int = 3,
                  hold: int = 4, max_hold: int = 256, plain_every: int = 16, learn: int = 2,
-                 hold_above: float = 0.5) -> None:
+                 hold_above: float = 0.5, bound_gain_margin: float = 0.1) -> None:
         self.adaptive = adaptive
         self.learn = learn  # tree steps verified whole at the start, to measure what they cost and yield
         self.cost = StepCostModel(window)
@@ -126,7 +127,7 @@ class SpeculationControl:
         self.samples = {False: 0, True: 0}                               # steps measured of each kind
         self.min_samples, self.margin = min_samples, margin
         self.gain_margin, self.patience, self.plain_every = gain_margin, patience, plain_every
-        self.hold_above = hold_above
+        self.hold_above, self.bound_gain_margin = hold_above, bound_gain_margin
         self.hold_base, self.hold_next, self.max_hold = hold, hold, max_hold
         self.held = 0        # plain steps without drafting left before the next probe
         self.probe = False   # this step ends a hold
@@ -195,11 +196,14 @@ class SpeculationControl:
             return 0
         if self.since[False] >= self.plain_every:
             return 0  # keep the plain rate current: the cost model may favour trees wrongly
-        if k and gain >= self.gain_margin:
+        bound = self.compute_bound(batch)
+        # compute-bound, a tree step's fixed cost (sampling every tree row, emitting, metadata) is
+        # the part of `o` the fit sees least often, so its predicted gain is least reliable
+        if k and gain >= (self.bound_gain_margin if bound else self.gain_margin):
             self.idle = 0
             return k
         self.idle += 1
-        if (probe or self.idle >= self.patience) and self.compute_bound(batch):
+        if (probe or self.idle >= self.patience) and bound:
             self._hold()
         return 0
 
