@@ -17,6 +17,8 @@ steps of different sizes; when the recent window holds only plain steps (after
 speculation switched off for a while), the next step is a probe with the drafts
 the budget allows, which re-measures both the cost of verification and the
 acceptance: speculation comes back on when the paths start repeating themselves.
+Where trees do not pay, speculation is held off for stretches of plain steps that
+skip drafting altogether, re-probed with exponential back-off (SpeculationControl).
 """
 from __future__ import annotations
 
@@ -32,15 +34,24 @@ class StepCostModel:
 
     def __init__(self, window: int = 48) -> None:
         self.points: deque[tuple[int, bool, float]] = deque(maxlen=window)
+        self._fit: tuple[float, float, float] | None = None
+        self._stale = True
 
     def observe(self, tokens: int, seconds: float, tree: bool = False) -> None:
         self.points.append((tokens, tree, seconds))
+        self._stale = True
 
     def fit(self) -> tuple[float, float, float] | None:
         """(a, o, b), or None while the window's step sizes are too alike to separate them.
 
-        Plain Python on purpose: it runs every step, and at n = 1 a step is ~25 ms, so the
-        ~0.4 ms of building tensors for torch.linalg.lstsq would be a visible overhead."""
+        Plain Python on purpose, and cached until the next step is observed: it runs every
+        step, and at n = 1 a step is ~25 ms, so the ~0.4 ms of building tensors for
+        torch.linalg.lstsq would be a visible overhead."""
+        if self._stale:
+            self._fit, self._stale = self._solve(), False
+        return self._fit
+
+    def _solve(self) -> tuple[float, float, float] | None:
         if len(self.points) < 3:
             return None
         sizes = [float(n) for n, _, _ in self.points]
