@@ -7,7 +7,6 @@ import pytest
 
 from forkdec.engine import SamplingParams
 from forkdec.engine.drafter import AcceptanceModel, NgramTable, rank_nodes, split_trees
-from forkdec.engine.spec_control import SpeculationControl, StepCostModel
 
 
 def test_table_predicts_from_the_longest_context_seen():
@@ -111,78 +110,3 @@ def test_a_tree_deeper_than_the_context_names_draft_depth():
     with pytest.raises(ValueError, match="^draft_depth:"):
         p.check_fits(115, 120)
     SamplingParams(draft_depth=8, max_new_tokens=5).check_fits(115, 120)  # off: no tree, no limit
-
-
-def test_cost_model_recovers_a_line_and_needs_spread():
-    m = StepCostModel()
-    for t in (4, 4, 4, 4):
-        m.observe(t, 0.02 + 0.001 * t)
-    assert m.fit() is None
-    for t in (12, 20, 30):
-        m.observe(t, 0.02 + 0.001 * t)
-    a, o, b = m.fit()
-    assert a == pytest.approx(0.02) and o == pytest.approx(0.0, abs=1e-9) and b == pytest.approx(0.001)
-    for t in (9, 17, 25):   # verification steps: 3 ms more than their size alone
-        m.observe(t, 0.023 + 0.001 * t, tree=True)
-    a, o, b = m.fit()
-    assert (a, o, b) == (pytest.approx(0.02), pytest.approx(0.003), pytest.approx(0.001))
-
-
-def _trained(a, b, batch):
-    c = SpeculationControl()
-    for t in (batch, batch + 8, batch + 16, batch, batch + 24):
-        c.observe(t, a + b * t, emitted=batch, tree=t > batch)
-    return c
-
-
-def test_cost_model_speculates_when_the_step_is_overhead_bound():
-    c = _trained(a=0.02, b=0.0005, batch=1)        # n=1 on a CPU: the fixed cost dominates
-    assert c.model_choice(1, [0.9, 0.8, 0.6, 0.4, 0.2, 0.1]) == 6
-
-
-def test_cost_model_switches_off_when_compute_bound_and_reprobes():
-    c = _trained(a=0.002, b=0.001, batch=64)       # 64 paths: nearly all cost is per token
-    assert c.model_choice(64, [0.6, 0.5, 0.3]) == 0
-    assert c.model_choice(64, [0.999, 0.6]) == 1   # a near-certain node still pays
-    for _ in range(60):                             # only plain steps of one size: the fit goes stale
-        c.observe(64, 0.002 + 0.001 * 64, emitted=64)
-    assert c.model_choice(64, [0.6, 0.5, 0.3]) == 3  # so it probes with the whole draft
-
-
-def _run(control, steps, plain_rate, tree_rate, scores=(0.9, 0.8, 0.7)):
-    """Drive the controller for `steps` steps whose measured rates are fixed; the kinds it chose."""
-    kinds = []
-    for _ in range(steps):
-        k = control.choose(4, list(scores))
-        tree = k > 0
-        kinds.append(tree)
-        # a tree step of 4 + k tokens in 10 ms, a plain one of 4 tokens in 10 ms
-        control.observe(4 + k, 0.01, emitted=round((tree_rate if tree else plain_rate) * 0.01), tree=tree)
-    return kinds
-
-
-def test_measured_losing_trees_switch_speculation_off_with_rarer_retries():
-    c = SpeculationControl()
-    c.observe(4, 0.01, emitted=4)                      # one plain step measured
-    kinds = _run(c, 200, plain_rate=400, tree_rate=300)
-    assert kinds[:4] == [True] * 4                     # min_samples tree steps before the net may act
-    retries = [i for i, t in enumerate(kinds) if t][4:]
-    assert 2 <= len(retries) <= 9                      # 8, 16, 32, 32, ... steps apart
-    gaps = [b - a for a, b in zip(retries, retries[1:])]
-    assert gaps == sorted(gaps) and gaps[-1] <= 33
-
-
-def test_measured_winning_trees_keep_speculation_on():
-    c = SpeculationControl()
-    c.observe(4, 0.01, emitted=4)
-    kinds = _run(c, 200, plain_rate=400, tree_rate=700)
-    assert 180 < sum(kinds) < 200                     # a plain step every 16 keeps the comparison honest
-    assert all(kinds[:16])
-
-
-def test_calibration_follows_measured_acceptance():
-    c = SpeculationControl()
-    for _ in range(20):
-        c.observe(10, 0.1, emitted=3, predicted=4.0, accepted=1, tree=True)
-    assert c.calibration == pytest.approx((20 + 2) / (80 + 2))
-    assert SpeculationControl(adaptive=False).choose(64, [0.1, 0.1]) == 2

@@ -41,7 +41,7 @@ class SamplingParams:
     seed: int | None = None
     speculate: str = "off"
     draft_budget: int = 24
-    draft_depth: int = 8
+    draft_depth: int = 12
     draft_adaptive: bool = True
 
     def __post_init__(self) -> None:

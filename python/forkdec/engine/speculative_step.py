@@ -82,6 +82,8 @@ class Speculator:
         """One decode step of every running path: a tree step, or `plain_step` when no draft pays."""
         t0 = time.perf_counter()
         paths = list(run.running)
+        if not self.control.drafting():  # speculation held off: a plain step that does not even draft
+            return self.plain(run, len(paths), plain_step, t0)
         self.observe(paths)
         ps, max_new = run.e.page_size, run.params.max_new_tokens
         tables = [self.table(p.prompt) for p in paths]
@@ -93,17 +95,13 @@ class Speculator:
             depth = [min(d, run.cache.max_draft_depth(p.pages, p.kv_len)) for d, p in zip(depth, paths)]
         ranked = rank_nodes(tables, tails, room, depth, self.budget, acceptance=self.acceptance)
         k = self.control.choose(len(paths), [r.score for r in ranked])
+        if k == 0:
+            return self.plain(run, len(paths), plain_step, t0)
         stats = run.stats
         stats.path_steps += len(paths)
-        if k == 0:
-            before = stats.generated_tokens
-            stats.decode_seconds += time.perf_counter() - t0  # drafting time; plain_step adds its own
-            plain_step()
-            stats.path_step_tokens += stats.generated_tokens - before
-            self.control.observe(len(paths), time.perf_counter() - t0, stats.generated_tokens - before)
-            return
         trees = split_trees(ranked, k, len(paths))
-        batch = tree_batch(paths, trees, run.alloc, ps)
+        with validation(False):  # the trees come from split_trees: valid by construction
+            batch = tree_batch(paths, trees, run.alloc, ps)
         run.note_memory()
         attend = make_attend(batch, run.cache, prefill=False, backend=run.backend)
         logits = run.e.model.forward(batch.tokens, batch.positions, attend).float()
@@ -125,16 +123,29 @@ class Speculator:
         self.control.observe(int(batch.tokens.numel()), seconds, emitted, predicted=sum(r.score for r in ranked[:k]),
                              accepted=int(accepted.sum()), tree=True)
 
+    def plain(self, run: "_Run", batch: int, plain_step: Callable[[], None], t0: float) -> None:
+        """A plain step of `batch` paths after the drafting (if any) that began at t0; the step
+        and its drafting count as decode time and as one plain step for the controller."""
+        stats = run.stats
+        before = stats.generated_tokens
+        stats.decode_seconds += time.perf_counter() - t0  # drafting time; plain_step adds its own
+        plain_step()
+        stats.path_steps += batch
+        stats.path_step_tokens += stats.generated_tokens - before
+        self.control.observe(batch, time.perf_counter() - t0, stats.generated_tokens - before)
+
     def verify(self, run: "_Run", tree: TreeInputs, logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(num_accepted [B], accepted_nodes [B, D], bonus token [B]) of the step's trees."""
         p = run.params
         if p.temperature == 0:
-            res = ops.verify_tree_greedy(tree.draft_tokens, tree.parents, tree.tree_indptr, logits,
-                                         max_depth=tree.max_depth)
+            with validation(False):  # the step's own tree metadata and the model's logits
+                res = ops.verify_tree_greedy(tree.draft_tokens, tree.parents, tree.tree_indptr, logits,
+                                             max_depth=tree.max_depth)
             return res.num_accepted, res.accepted_nodes, res.bonus_token
         drawn = run.sample(logits, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, min_p=p.min_p,
                            generator=run.generator)
-        res = ops.verify_tree_greedy(*_one_hot_walk(tree, drawn), max_depth=tree.max_depth)
+        with validation(False):
+            res = ops.verify_tree_greedy(*_one_hot_walk(tree, drawn), max_depth=tree.max_depth)
         batch = tree.tree_indptr.numel() - 1
         block = tree.tree_indptr.long()[:-1] + torch.arange(batch)
         last = torch.gather(res.accepted_nodes.long(), 1, (res.num_accepted.long() - 1).clamp_min(0)[:, None])[:, 0]
