@@ -76,9 +76,9 @@ def _ppl(window_nll: list[float]) -> float:
     return math.exp(sum(window_nll) / len(window_nll))  # every window scores the same number of predictions
 
 
-def _delta(row: dict, base: dict) -> tuple[float, float]:
-    """(fp32 PPL, relative ΔPPL) over the windows both rows hold (the file's first ones)."""
-    m = min(len(row["window_nll"]), len(base["window_nll"]))
+def _delta(row: dict, base: dict, m: int | None = None) -> tuple[float, float]:
+    """(fp32 PPL, relative ΔPPL) over the first m windows (default: all both rows hold)."""
+    m = min(len(row["window_nll"]), len(base["window_nll"]), m or len(row["window_nll"]))
     ref = _ppl(base["window_nll"][:m])
     return ref, _ppl(row["window_nll"][:m]) / ref - 1
 
@@ -93,19 +93,22 @@ def _targets(rows: list[dict]) -> str:
         ok = [r for r in rows if r["family"].startswith("xquant") and r["bits"] == 4 and r[f"frac_{ctx}"] <= 0.30]
         best = min(ok, key=lambda r: d[r["kind"]], default=None)
         lines.append(f"- 4-bit XQuant at <= 30% of fp16 KV (context {ctx}): " + (
-            f"`{best['kind']}` {best[f'frac_{ctx}']:.1%}, ΔPPL {d[best['kind']]:+.2%} -> "
+            f"`{best['kind']}` {best[f'frac_{ctx}']:.1%}, ΔPPL {d[best['kind']]:+.2%} over {best['windows']} windows -> "
             f"{'met' if d[best['kind']] <= 0.01 else 'NOT met'} (ΔPPL <= 1%)" if best else "no such config measured"))
     pairs = []
     for r in rows:
         if r["family"] == "kivi":
-            twin = f"xquant-latent-{r['kind'][len('kivi-'):]}"
-            if twin in d:  # same bits, group and window: identical bytes (both cache 2 x 192 per token)
-                pairs.append(f"`{r['kind']}` {d[r['kind']]:+.2%} vs `{twin}` {d[twin]:+.2%} "
-                             f"({'XQuant <= KIVI' if d[twin] <= d[r['kind']] else 'KIVI better'})")
+            twin = next((t for t in rows if t["kind"] == f"xquant-latent-{r['kind'][len('kivi-'):]}"), None)
+            if twin is not None:  # same bits, group and window: identical bytes (both cache 2 x 192 per token)
+                m = min(len(r["window_nll"]), len(twin["window_nll"]))  # compared on the same windows
+                dk, dx = _delta(r, base, m)[1], _delta(twin, base, m)[1]
+                pairs.append(f"`{r['kind']}` {dk:+.2%} vs `{twin['kind']}` {dx:+.2%} over {m} windows "
+                             f"({'XQuant <= KIVI' if dx <= dk else 'KIVI better'})")
     lines.append("- XQuant vs KIVI at equal memory: " + ("; ".join(pairs) or "no pairs measured"))
     tenx = sorted((r for r in rows if r["frac_2048"] <= 0.1), key=lambda r: d[r["kind"]])
     lines.append("- ~10x smaller than fp16 (<= 10% at 2048), best first: " + ("; ".join(
-        f"`{r['kind']}` {r['frac_2048']:.1%}, ΔPPL {d[r['kind']]:+.2%}" for r in tenx) if tenx else
+        f"`{r['kind']}` {r['frac_2048']:.1%}, ΔPPL {d[r['kind']]:+.2%} ({r['windows']} windows"
+        f"{', calibrated on ' + r['calib_data'] if r.get('calib_data') else ''})" for r in tenx) if tenx else
         "no kind reaches it: 2-bit codes plus fp16 scale/zero over the 2 x 192 latents (or K/V) already cost "
         "15.6% of fp16 with no window; going further needs fewer numbers per token (lower-rank latents, -kR)"))
     small = sorted((r for r in rows if r["family"] != "fp"), key=lambda r: r["frac_2048"])[:4]
@@ -158,7 +161,8 @@ def report(rows: list[dict], args: argparse.Namespace, out) -> None:
                       f"{r['ppl']:.3f}", f"{ref:.3f}", f"{r['ppl'] - ref:+.3f} ({rel:+.2%})", f"{r['seconds']:.0f}"])
     body = (f"## Perplexity by cache kind\n\nNon-overlapping windows of {args.window} tokens from the start of the "
             f"file ({args.window - 1} scored predictions each), fed in chunks of {args.chunk}. Kinds hold different "
-            "numbers of windows ('windows'): the targets' kinds all of them, the rest of the sweep the first 8. "
+            "numbers of windows ('windows'): the target rows all of them, the rest of the sweep the first 8 or as "
+            "many as a resumable run reached. "
             "'fp32 PPL' is the fp32 cache over the same windows, and ΔPPL is taken against it.\n\n"
             + markdown_table(["kind", "family", "bits", "group", "window R", "bytes/token @2048",
                               "fraction of fp16 @2048", "@8192", "windows", "PPL", "fp32 PPL", "ΔPPL vs fp32",
@@ -182,6 +186,10 @@ def report(rows: list[dict], args: argparse.Namespace, out) -> None:
         print(f"wrote {out / 'xquant.png'}")
 
 
+def _calib_name(path: str) -> str:
+    return "/".join(os.path.normpath(path).split(os.sep)[-2:])  # e.g. gsm8k/test.jsonl
+
+
 def _calibration_tokens(path: str, tokenizer, n: int) -> list[int]:
     """The first n tokens of GSM8K questions and answers (one per line)."""
     try:
@@ -202,7 +210,7 @@ def _measure(model, ids: list[int], kind: str, row: dict | None, want: int, args
         seconds += r.seconds
         cal = kind.endswith("-cal")
         row = {**_row(kind, model.config, nll, seconds, args), "calib_tokens": args.calib_tokens if cal else 0,
-               "calib_data": os.path.basename(args.calib_data) if cal else None}
+               "calib_data": _calib_name(args.calib_data) if cal else None}
         save(row)
         print(f"  {kind}: window {w + 1}/{want}, ppl {row['ppl']:.3f} ({seconds:.0f} s)", file=sys.stderr, flush=True)
     return row
@@ -235,7 +243,7 @@ def run(argv: list[str] | None = None) -> int:
 
         for kind in kinds:
             row = rows.get(kind)
-            if kind.endswith("-cal") and row and row.get("calib_data") != os.path.basename(args.calib_data):
+            if kind.endswith("-cal") and row and row.get("calib_data") != _calib_name(args.calib_data):
                 row = None  # calibrated on other text: measure again from the first window
             row = _measure(model, ids, kind, row, want, args, save)
             print(f"{kind}: ppl {row['ppl']:.4f} over {row['windows']} windows in {row['seconds']:.0f} s", flush=True)
