@@ -48,12 +48,25 @@ def gsm8k_question(path: str) -> tuple[str, str]:
 def run_cells(engine: Any, cells: dict[str, dict], prompt: str, n: int, max_new: int, temperature: float,
               rounds: int) -> dict[str, dict]:
     """Each cell (a run_engine keyword set) `rounds` times, the cells interleaved so that a noisy
-    neighbour hurts all alike; per cell the run with the median tokens/s."""
+    neighbour hurts all alike; per cell the run with the median tokens/s, and for cells other than
+    "off" `vs_off`: the (min, median, max) over rounds of its tokens/s over the same round's "off"
+    run (adjacent runs share the machine's state, so their ratio drifts less than either rate)."""
     runs: dict[str, list[dict]] = {name: [] for name in cells}
     for _ in range(rounds):
         for name, kw in cells.items():
             runs[name].append(run_engine(engine, prompt, n, max_new, temperature, **kw))
-    return {name: sorted(r, key=lambda x: x["tok_s"])[len(r) // 2] for name, r in runs.items()}
+    out = {name: sorted(r, key=lambda x: x["tok_s"])[len(r) // 2] for name, r in runs.items()}
+    for name in cells:
+        if name != "off" and "off" in runs:
+            ratios = sorted(a["tok_s"] / o["tok_s"] for a, o in zip(runs[name], runs["off"]))
+            out[name] = {**out[name], "vs_off": (ratios[0], ratios[len(ratios) // 2], ratios[-1])}
+    return out
+
+
+def ratio_cell(cell: dict) -> str:
+    """'1.87x (1.80-1.93)': the median per-round ratio to off, and its range over rounds."""
+    lo, mid, hi = cell["vs_off"]
+    return f"{mid:.2f}x" if lo == hi else f"{mid:.2f}x ({lo:.2f}-{hi:.2f})"
 
 
 def run_engine(engine: Any, prompt: str, n: int, max_new: int, temperature: float, speculate: str,
@@ -214,7 +227,7 @@ def run(argv: list[str] | None = None) -> int:
                         "llama_cpp": plain_peer if isinstance(plain_peer, str) else plain_peer["tok_s"],
                         "llama_cpp_lookup": lookup_peer if isinstance(lookup_peer, str) else lookup_peer["tok_s"],
                         "llama_cpp_lookup_first_difference": lookup_same}
-        greedy_rows.append([name, f"{off['tok_s']:.1f}", f"{on['tok_s']:.1f}", f"{on['tok_s'] / off['tok_s']:.2f}x",
+        greedy_rows.append([name, f"{off['tok_s']:.1f}", f"{on['tok_s']:.1f}", ratio_cell(on),
                             f"{on['per_step']:.2f}", f"{on['acceptance']:.2f}", f"{on['spec_steps']}/{on['steps']}",
                             "identical" if diverge is None else f"differs from token {diverge}",
                             _peer_cell(plain_peer, off["tok_s"]), _peer_cell(lookup_peer, off["tok_s"]),
@@ -230,9 +243,9 @@ def run(argv: list[str] | None = None) -> int:
         off, adaptive, fixed = cells["off"], cells["adaptive"], cells["fixed"]
         batch[n] = {"off": off, "adaptive": adaptive, "fixed": fixed}
         batch_rows.append([str(n), f"{off['tok_s']:.1f}", f"{adaptive['tok_s']:.1f}",
-                           f"{adaptive['tok_s'] / off['tok_s']:.2f}x", f"{adaptive['per_step']:.2f}",
+                           ratio_cell(adaptive), f"{adaptive['per_step']:.2f}",
                            f"{adaptive['spec_steps']}/{adaptive['steps']}", f"{fixed['tok_s']:.1f}",
-                           f"{fixed['tok_s'] / off['tok_s']:.2f}x", f"{fixed['per_step']:.2f}"])
+                           ratio_cell(fixed), f"{fixed['per_step']:.2f}"])
         print(batch_rows[-1])
 
     t1 = markdown_table(["prompt", "off tok/s", "ngram tok/s", "speedup", "tokens/step", "draft acceptance",
@@ -243,7 +256,9 @@ def run(argv: list[str] | None = None) -> int:
     t0 = markdown_table(["tokens fed T", "forward ms", "vs T=1"], cost_rows)
     crossover = ", ".join(f"n={n}: {b * n / (a + b * n):.2f}" for n in [1, 4, 16, 64])
     body = (f"Targets: {TARGETS}.\n\nTokens/s are generated tokens over decode seconds (prefill excluded), "
-            f"aggregate over paths. 'tokens/step' = tokens a path gains per decode step (1.0 = no gain).\n\n"
+            f"aggregate over paths. 'tokens/step' = tokens a path gains per decode step (1.0 = no gain). "
+            f"Ratios to off are the median over rounds of each round's ratio (off and speculation run back "
+            f"to back), with the lowest and highest round in brackets; tok/s columns are the median round.\n\n"
             f"## Step cost vs tokens fed (the model's forward, all rows' logits)\n\n{t0}\n\n"
             f"Fit: a = {a * 1e3:.1f} ms + b = {b * 1e3:.2f} ms per token. A draft node pays for its verification "
             f"when its acceptance probability exceeds about b*n / (a + b*n): {crossover}.\n\n"

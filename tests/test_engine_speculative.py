@@ -99,6 +99,33 @@ def test_cache_after_each_tree_step_holds_what_plain_decoding_builds(monkeypatch
     assert len(checked) > 10 and max(checked) >= 2, "some tree steps must accept several drafts"
 
 
+def test_paths_ahead_of_the_slowest_draft_shallower_trees(monkeypatch):
+    seen = []
+    rank = speculative_step.rank_nodes
+
+    def spy(tables, tails, room, depth, budget, acceptance=None):
+        seen.append(list(depth))
+        return rank(tables, tails, room, depth, budget, acceptance=acceptance)
+
+    lengths = []
+    tree_batch = speculative_step.tree_batch
+
+    def spy_batch(paths, trees, alloc, ps):  # a tree step: pair its paths with the depths just ranked
+        lengths.append(([len(p.token_ids) for p in paths], seen[-1]))
+        return tree_batch(paths, trees, alloc, ps)
+
+    monkeypatch.setattr(speculative_step, "rank_nodes", spy)
+    monkeypatch.setattr(speculative_step, "tree_batch", spy_batch)
+    eng = engine()
+    params = SamplingParams(temperature=0.8, max_new_tokens=80, seed=3, ignore_eos=True, **{**SPEC, "draft_depth": 6})
+    eng.generate(PROMPTS[:1], n=4, params=params, chat=False)
+    assert len(lengths) > 20 and any(max(n) > min(n) for n, _ in lengths)   # paths drifted apart
+    for n, depth in lengths:
+        assert depth == [min(6 - (k - min(n)), 80 - k - 1) for k in n]
+    # so no path gets further than the tree depth ahead of the slowest one
+    assert max(max(n) - min(n) for n, _ in lengths) <= 6
+
+
 def test_speculation_keeps_within_a_tight_kv_budget():
     eng = engine(page_size=4)
     params = SamplingParams(temperature=0, max_new_tokens=24, ignore_eos=True, **SPEC)

@@ -154,3 +154,41 @@ def test_calibration_follows_measured_acceptance():
     assert c.calibration == pytest.approx((16 + 2) / (64 + 2))
     assert SpeculationControl(adaptive=False).choose(64, [0.1, 0.1]) == 2
     assert SpeculationControl(adaptive=False).drafting()
+
+
+def test_trees_must_win_by_the_margin_not_merely_break_even():
+    c = SpeculationControl()
+    c.observe(4, 0.01, emitted=4)
+    kinds = "".join(_run(c, 300, plain_rate=400, tree_rate=408))   # 2% faster: within timing noise
+    assert kinds.count("t") < 20 and kinds.count("h") > 250
+    c = SpeculationControl(margin=0.0)
+    c.observe(4, 0.01, emitted=4)
+    assert "".join(_run(c, 300, plain_rate=400, tree_rate=408)).count("t") > 250
+
+
+def test_a_burst_of_slow_tree_steps_does_not_hold_winning_trees_off():
+    c = SpeculationControl()
+    c.observe(4, 0.01, emitted=4)
+    _run(c, 16, plain_rate=400, tree_rate=100)     # a load burst: tree steps measured 4x slower
+    assert c.losing
+    kinds = "".join(_run(c, 60, plain_rate=400, tree_rate=900))
+    first = kinds.index("t")
+    assert first <= c.hold_base * 2 + 1            # the probe ending the current hold
+    assert kinds[first:].count("t") > 0.8 * len(kinds[first:]) and not c.losing
+
+
+# (tokens fed, ms, tree step) of 20 steps measured at 16 paths, 2 threads (trees of 35-40 tokens)
+STEPS_AT_16 = [(40, 34.2, True), (40, 31.4, True), (16, 20.4, False), (40, 31.4, True), (40, 31.3, True),
+               (35, 32.7, True), (16, 20.7, False), (40, 32.0, True), (16, 21.0, False), (40, 31.1, True),
+               (40, 30.9, True), (16, 20.8, False), (40, 31.6, True), (16, 27.0, False), (16, 20.8, False),
+               (16, 20.9, False), (40, 31.9, True), (40, 31.6, True), (16, 21.1, False), (16, 21.0, False)]
+
+
+def test_cost_model_folds_o_into_a_line_when_tree_sizes_barely_spread():
+    m = StepCostModel()
+    for n, ms, tree in STEPS_AT_16:
+        m.observe(n, ms / 1e3, tree=tree)
+    a, o, b = m.fit()
+    # a 3-term fit of these steps put 14 ms in o and nothing in b; forwards of 16 and 40 tokens
+    # measured alone on that machine cost 19.0 and ~29 ms (a = 13.4 ms, b = 0.41 ms per token)
+    assert o == 0.0 and 0.010 < a < 0.016 and 0.0003 < b < 0.0005

@@ -376,6 +376,28 @@ def test_speculative_verify_bench_writes_its_report(tmp_path):
     assert "cpu ms" in report and "3 requests x 5-node" in report
 
 
+def test_speculative_bench_ratios_pair_each_round_with_its_own_off_run():
+    from types import SimpleNamespace
+
+    from forkdec.bench import speculative
+
+    rates = iter([100.0, 150.0, 50.0, 90.0, 200.0, 280.0])   # off, ngram per round: 1.5x, 1.8x, 1.4x
+
+    class FakeEngine:
+        def generate(self, prompt, n, params):
+            rate = next(rates)
+            self.last_stats = SimpleNamespace(generated_tokens=int(rate), decode_seconds=1.0, decode_steps=1,
+                                              speculative_steps=0, tokens_per_path_step=1.0,
+                                              draft_acceptance=0.0, draft_tokens=0)
+            return [[SimpleNamespace(token_ids=[1])]]
+
+    cells = speculative.run_cells(FakeEngine(), {"off": dict(speculate="off"), "ngram": dict(speculate="ngram")},
+                                  "p", 1, 4, 0.0, rounds=3)
+    assert cells["off"]["tok_s"] == 100.0 and cells["ngram"]["tok_s"] == 150.0   # median runs
+    assert cells["ngram"]["vs_off"] == pytest.approx((1.4, 1.5, 1.8))          # not 150 / 100 of medians alone
+    assert speculative.ratio_cell(cells["ngram"]) == "1.50x (1.40-1.80)" and "vs_off" not in cells["off"]
+
+
 def test_gpu_speculative_bench_plumbing_runs_on_cpu():
     from forkdec.bench import gpu_speculative
 

@@ -59,8 +59,11 @@ class StepCostModel:
         if _variance(sizes) < max(1.0, (0.05 * sum(sizes) / len(sizes)) ** 2):
             return None
         tree_sizes = [float(n) for n, tr, _ in self.points if tr]
-        # o is separable only with both kinds and tree steps of several sizes; else fold it into a and b
-        if 0 < len(tree_sizes) < len(self.points) and _variance(tree_sizes) >= 1.0:
+        # o is separable only with both kinds and tree steps of clearly different sizes (at 16 paths
+        # trees of 28-40 tokens against plain steps of 16 leave o and b nearly collinear, and the
+        # 3-term fit put all the cost in o); else fold it into a and b
+        spread = max(1.0, (0.2 * sum(tree_sizes) / len(tree_sizes)) ** 2) if tree_sizes else 0.0
+        if 0 < len(tree_sizes) < len(self.points) and _variance(tree_sizes) >= spread:
             a, o, b = _least_squares([(1.0, float(tr), float(n)) for n, tr, _ in self.points],
                                      [sec for _, _, sec in self.points])
         else:
@@ -105,10 +108,12 @@ class SpeculationControl:
     costs a few percent of a step):
     - in the compute-bound regime (`compute_bound`), `patience` drafted steps in a row on
       which nothing paid;
-    - the safety net against a wrong cost model: once `min_samples` tree steps are
+    - the safety net against a wrong cost model: once `min_samples` recent tree steps are
       measured, the measured tokens/s of recent tree steps and plain steps (ratios of
-      sums over `rate_window` steps of each kind) are compared, and while trees measure
-      more than `margin` below plain steps no tree is verified.
+      sums over the last `rate_window` steps of each kind) are compared, and unless trees
+      measure at least `margin` faster than plain steps no tree is verified. The margin pays for what a step's own time does not
+      show: drafting on the plain steps, and the ragged finish of paths that trees
+      advanced unevenly (the last steps run with fewer paths).
     The hold doubles (up to `max_hold`) each time it ends without a tree that pays, and
     drops back when trees win again. The first drafted step after a hold is a probe: if
     the net holds trees off it verifies them anyway (the model's choice, or the whole
@@ -119,7 +124,8 @@ class SpeculationControl:
     """
 
     def __init__(self, adaptive: bool = True, window: int = 48, calibration_window: int = 16,
-                 prior_tokens: float = 2.0, rate_window: int = 16, min_samples: int = 4, margin: float = 0.02, gain_margin: float = 0.03, patience: int = 3,
+                 prior_tokens: float = 2.0, rate_window: int = 16, min_samples: int = 4, margin: float = 0.05,
+                 gain_margin: float = 0.03, patience: int = 3,
                  hold: int = 4, max_hold: int = 256, plain_every: int = 16, learn: int = 2,
                  hold_above: float = 0.5, bound_gain_margin: float = 0.1) -> None:
         self.adaptive = adaptive
@@ -142,6 +148,7 @@ class SpeculationControl:
         self.hold_base, self.hold_next, self.max_hold = hold, hold, max_hold
         self.held = 0        # plain steps without drafting left before the next probe
         self.probe = False   # this step ends a hold
+        self.probing = False  # this step verifies a tree although the net holds trees off
         self.idle = 0        # drafted steps in a row on which no tree paid
         self.holds = 0       # holds started (stats)
 
@@ -153,10 +160,10 @@ class SpeculationControl:
 
     @property
     def losing(self) -> bool:
-        """The safety net: measured tree steps more than `margin` slower (tokens/s) than plain steps."""
+        """The safety net: measured tree steps not at least `margin` faster (tokens/s) than plain steps."""
         plain, tree = self.rate(False), self.rate(True)
         return (len(self.recent[True]) >= self.min_samples and plain is not None and tree is not None
-                and tree < (1 - self.margin) * plain)
+                and tree < (1 + self.margin) * plain)
 
     def rate(self, tree: bool) -> float | None:
         """Measured tokens/s of the recent tree (or plain) steps; None before any."""
@@ -202,6 +209,7 @@ class SpeculationControl:
             return 0  # the net needs a plain step to compare with
         if self.losing:
             if probe:  # re-measure trees under the net
+                self.probing = True
                 return k or len(scores)
             self._hold()
             return 0
@@ -242,6 +250,13 @@ class SpeculationControl:
         if tree:
             self.accepted.append((accepted, predicted))
         self.samples[tree] += 1
+        if tree and self.probing:
+            self.probing = False
+            plain = self.rate(False)
+            if plain is not None and emitted / max(seconds, 1e-9) >= (1 + self.margin) * plain:
+                # a probe under the net that wins starts a fresh measurement: the tree steps that
+                # tripped the net are stale (drafts repeat more now, or a burst of load has passed)
+                self.recent[True].clear()
         self.recent[tree].append((emitted, seconds))
         self.since[tree] = 0
         self.since[not tree] += 1

@@ -90,7 +90,11 @@ class Speculator:
         tails = [_tail(p, t.order) for p, t in zip(paths, tables)]
         # room: slots the path's pages and reservation still hold after the root; depth: tokens left - 1
         room = [(len(p.pages) + p.reserved) * ps - p.kv_len - 1 for p in paths]
-        depth = [min(self.depth, max_new - len(p.token_ids) - 1) for p in paths]
+        # a path `lead` tokens ahead of the slowest drafts at most depth - lead: the run ends with its
+        # slowest path, so trees that run some paths ahead leave a tail of steps with few paths
+        # (at 16 paths that tail cost more than the trees gained)
+        slowest = min(len(p.token_ids) for p in paths)
+        depth = [min(self.depth - (len(p.token_ids) - slowest), max_new - len(p.token_ids) - 1) for p in paths]
         if hasattr(run.cache, "max_draft_depth"):  # a quantized cache: a tree stops at the path's next flush
             depth = [min(d, run.cache.max_draft_depth(p.pages, p.kv_len)) for d, p in zip(depth, paths)]
         ranked = rank_nodes(tables, tails, room, depth, self.budget, acceptance=self.acceptance)
