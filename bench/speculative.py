@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -190,6 +191,7 @@ def run(argv: list[str] | None = None) -> int:
     if args.quick:
         args.max_new_tokens, args.batch_max_new_tokens, args.n, args.rounds = 64, 32, "4,16", 1
     ns = [int(v) for v in args.n.split(",")]
+    load = os.getloadavg()  # before this run adds its own threads
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
@@ -276,8 +278,8 @@ def run(argv: list[str] | None = None) -> int:
                                        f"n-gram order 4, seed 0, ignore_eos, {threads} torch thread(s)",
                            "llama.cpp": peer_version + "; prompt lookup: LlamaPromptLookupDecoding(max_ngram_size=2, "
                                                        "num_pred_tokens=10)",
-                           "note": f"median of {args.rounds} interleaved run(s) per cell on a shared 2-core machine "
-                                   "(other jobs were running: read ratios with that in mind)"})
+                           "note": f"median of {args.rounds} interleaved run(s) per cell on a shared 2-core machine; "
+                                   f"load average at the start {load[0]:.1f} (1 min)"})
     out = results_dir(args.out) / "speculative.md"
     write_report(out, "Speculative decoding (n-gram tree drafts) in the engine", facts, body)
     for cells in (*greedy.values(), *batch.values()):  # token ids stay out of the JSON
