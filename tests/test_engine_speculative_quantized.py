@@ -112,11 +112,16 @@ def test_speculation_over_a_quantized_cache_keeps_within_a_tight_kv_budget():
     params = SamplingParams(temperature=0, max_new_tokens=100)
     eng = four_token_engine("xquant-4-r0")
     plain = eng.generate(PROMPTS[1], n=5, params=params, chat=False)
-    # room for the prompt's page and two paths of 2 pages: the others wait; trees must fit the reservations
-    small = four_token_engine("xquant-4-r0", kv_budget_bytes=(1 + 2 * 2) * eng.page_bytes)
-    out = small.generate(PROMPTS[1], n=5, params=_spec(params), chat=False)
+    # room for the prompt's page and two paths of 2 pages, and the three sequences' full-precision
+    # windows: the others wait; trees must fit the reservations
+    budget = (1 + 2 * 2 + 3 * eng.window_pages) * eng.page_bytes
+    small = four_token_engine("xquant-4-r0", kv_budget_bytes=budget)
+    held = []
+    out = small.generate(PROMPTS[1], n=5, params=_spec(params), chat=False,
+                         progress=lambda p: held.append((small.cache.bytes_used, p.running_paths)))
     assert [c.token_ids for c in out[0]] == [c.token_ids for c in plain[0]]
-    assert small.last_stats.speculative_steps > 0 and small.cache.num_pages == 5
+    assert small.last_stats.speculative_steps > 0 and small.cache.num_pages == 5 + small.window_pages
+    assert max(b for b, _ in held) <= budget and max(r for _, r in held) == 2
     assert small.cache.allocator.num_used == 0 and small.cache.allocator.num_reserved == 0
 
 

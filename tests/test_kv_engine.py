@@ -37,6 +37,24 @@ def test_quantized_kinds_decode_share_and_free(kv):
     assert eng.last_stats.kv_bytes_peak >= max(b for _, b in seen) > 0
 
 
+@pytest.mark.parametrize("kv", ["xquant-latent-4", "kivi-4-r0", "xquant-cl-2-r64"])
+def test_the_kv_budget_bounds_what_a_quantized_cache_holds_window_included(kv):
+    probe = tiny_engine(kv)
+    wp, path_pages = probe.window_pages, 2                   # 100 new tokens: 2 pages of 64
+    assert wp >= 1                                           # a window page is 16-bit: dearer than a code page
+    budget = (3 + 2 * path_pages + 3 * wp) * probe.page_bytes  # the prompt, two paths, three windows
+    eng = tiny_engine(kv, kv_budget_bytes=budget)
+    held = []
+    params = SamplingParams(temperature=1.0, max_new_tokens=100, seed=0)
+    out = eng.generate(PROMPT, n=5, params=params, chat=False,
+                       progress=lambda p: held.append((eng.cache.bytes_used, p.running_paths)))
+    assert [len(c.token_ids) for c in out[0]] == [100] * 5
+    assert max(b for b, _ in held) <= budget and max(r for _, r in held) == 2
+    with pytest.raises(ValueError, match=r"kv_budget_bytes: .* \(full-precision windows included\)"):
+        tiny_engine(kv, kv_budget_bytes=(3 + path_pages + wp) * probe.page_bytes).generate(
+            PROMPT, params=params, chat=False)
+
+
 def test_quantized_kinds_hold_fewer_bytes_than_fp32():
     params = SamplingParams(temperature=1.0, max_new_tokens=70, seed=0)
     peaks = {}

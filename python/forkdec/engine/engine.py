@@ -19,7 +19,7 @@ from torch import Tensor
 import forkdec.ops as ops
 from forkdec.engine.attend import make_attend, pick_backend
 from forkdec.engine.completion import Completion, GenerateStats
-from forkdec.engine.kv_cache import PagedKVCache, kv_page_bytes, make_kv_cache
+from forkdec.engine.kv_cache import PagedKVCache, kv_page_bytes, kv_window_pages, make_kv_cache
 from forkdec.engine.metadata import decode_batch, prefill_batch
 from forkdec.engine.params import SamplingParams
 from forkdec.engine.progress import Progress
@@ -73,6 +73,8 @@ class Engine:
         self.kv = kv
         self.kv_dtype = model.dtype
         self.page_size, self.page_bytes = kv_page_bytes(kv, model, page_size)
+        # quantized kinds: pages of the budget that cover a live sequence's full-precision window
+        self.window_pages = kv_window_pages(kv, model, page_size)
         budget = default_kv_budget() if kv_budget_bytes is None else kv_budget_bytes
         require(isinstance(budget, int) and budget > 0, "kv_budget_bytes", f"must be a positive int, got {budget!r}")
         require(budget >= self.page_bytes, "kv_budget_bytes",
@@ -155,15 +157,22 @@ class _Run:
         ps = engine.page_size
         # The last sampled token's K/V is never written, so a path stores at most max_new_tokens - 1.
         self.path_pages = -(-(params.max_new_tokens - 1) // ps)
+        # Quantized kinds: every live sequence (a prompt, a path) also holds a full-precision window,
+        # worth window_pages of the budget; it is budgeted here, apart from the pool's page ids, so
+        # that the quantized pool is not allocated for pages that will only ever be window.
+        wp = engine.window_pages
+        self.windows = 0  # live sequences whose window is budgeted
         need = 0
         for s in states:
-            one = -(-len(s.token_ids) // ps) + self.path_pages
+            one = -(-len(s.token_ids) // ps) + self.path_pages + 2 * wp
             require(one <= engine.max_pages, "kv_budget_bytes",
                     f"prompt {s.index} ({len(s.token_ids)} tokens) with one path of max_new_tokens "
-                    f"{params.max_new_tokens} needs {one * engine.page_bytes} bytes of KV; the budget "
+                    f"{params.max_new_tokens} needs {one * engine.page_bytes} bytes of KV"
+                    f"{' (full-precision windows included)' if wp else ''}; the budget "
                     f"{engine.kv_budget_bytes} holds {engine.max_pages * engine.page_bytes}")
-            need += one + (s.n - 1) * self.path_pages
-        self.cache = engine._cache_for(min(need, engine.max_pages))
+            need += one - 2 * wp + (s.n - 1) * self.path_pages
+        # ids past max_pages - 2 windows are never in use: a live path has its own and its prompt's window
+        self.cache = engine._cache_for(min(need, engine.max_pages - 2 * wp))
         self.alloc = self.cache.allocator
         self.stop = StopChecker(params, engine.eos_ids(), engine.tokenizer)
         self.sample = ops.sample
@@ -189,7 +198,17 @@ class _Run:
                 break
             elif not admitted:  # cannot happen: the budget check holds one path of every prompt
                 raise RuntimeError("engine: paths are waiting but none can be admitted")
-        assert all(None not in s.results for s in self.states) and self.alloc.num_used == 0
+        assert all(None not in s.results for s in self.states) and self.alloc.num_used == 0 and self.windows == 0
+
+    def reserve(self, pages: int, windows: int) -> bool:
+        """Reserve `pages` page ids and budget `windows` more full-precision windows, if both fit."""
+        a = self.alloc
+        if a.num_used + a.num_reserved + pages + (self.windows + windows) * self.e.window_pages > self.e.max_pages:
+            return False
+        if not a.reserve(pages):
+            return False
+        self.windows += windows
+        return True
 
     def admit(self) -> int:
         """Start waiting paths in prompt order while their pages fit (first come, first served);
@@ -200,12 +219,13 @@ class _Run:
                 continue
             if not s.prefilled:
                 prompt_pages = -(-len(s.token_ids) // ps)
-                if not self.alloc.reserve(prompt_pages + self.path_pages):
+                if not self.reserve(prompt_pages + self.path_pages, windows=2):
                     break
                 self.alloc.release(self.path_pages)  # taken back just below for the first path
+                self.windows -= 1
                 s.pages = [self.alloc.alloc() for _ in range(prompt_pages)]
                 new_prompts.append(s)
-            while s.waiting > 0 and self.alloc.reserve(self.path_pages):
+            while s.waiting > 0 and self.reserve(self.path_pages, windows=1):
                 new_paths.append(PathState(s, s.admitted, reserved=self.path_pages))
                 s.admitted += 1
                 s.running += 1
@@ -282,6 +302,7 @@ class _Run:
         self.alloc.free(path.pages)
         self.alloc.release(path.reserved)
         path.pages, path.reserved = [], 0
+        self.windows -= 1
         s.running -= 1
         s.results[path.index] = Completion(list(path.token_ids), self.stop.final_text(path.token_ids), reason,
                                            path.logprob, finish_order=s.finished)
@@ -291,8 +312,9 @@ class _Run:
                           key=lambda c: c.finish_order)
             if self.early_stop(s.index, done):
                 self.cancel(s)
-        if s.running == 0 and s.waiting == 0:
+        if s.running == 0 and s.waiting == 0 and s.pages:  # (a cancel above may have freed them already)
             self.alloc.free(s.pages)
+            self.windows -= 1
             s.pages, s.last_logits = [], None
 
     def cancel(self, s: PromptState) -> None:

@@ -134,7 +134,7 @@ def make_kv_cache(kv: str | None, model, num_pages: int, *, page_size: int = 16)
 def kv_page_bytes(kv: str | None, model, page_size: int = 16) -> tuple[int, int]:
     """(page_size, bytes of one page over all layers) for the cache kind `kv`; for
     quantized kinds the page size is the kind's and the bytes are a quantized page's
-    (the full-precision window, at most R + 2 pages per live sequence, comes on top)."""
+    (the full-precision window comes on top: see kv_window_pages)."""
     from forkdec.xquant.kinds import parse_kind
 
     cfg = model.config
@@ -145,3 +145,21 @@ def kv_page_bytes(kv: str | None, model, page_size: int = 16) -> tuple[int, int]
     from forkdec.xquant.cache import QuantizedKVCache
 
     return kind.page_size(page_size), QuantizedKVCache.page_bytes(kind, cfg)
+
+
+def kv_window_pages(kv: str | None, model, page_size: int = 16) -> int:
+    """Budget pages (of kv_page_bytes' size) that cover one live sequence's full-precision
+    window for a quantized kind (0 for fp kinds). A sequence flushes its oldest window page
+    once R + page_size tokens are in the window, so the window spans at most
+    ceil((R + page_size) / page_size) pages, each a slot of 16-bit rows in every layer."""
+    from forkdec.xquant.accounting import stream_widths, window_dtype
+    from forkdec.xquant.kinds import parse_kind
+
+    kind = None if kv is None else parse_kind(kv)
+    if kind is None or not kind.quantized:
+        return 0
+    p, quant_bytes = kv_page_bytes(kv, model, page_size)
+    item = torch.empty((), dtype=window_dtype(kind, model.dtype)).element_size()
+    slot_bytes = model.config.num_layers * p * sum(w for _, w, _ in stream_widths(kind, model.config)) * item
+    slots = -(-(kind.residual + p) // p)
+    return -(-slots * slot_bytes // quant_bytes)
