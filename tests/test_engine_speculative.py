@@ -3,7 +3,6 @@ at temperature 0, in distribution when sampling), the cache it leaves, pages, st
 from __future__ import annotations
 
 import importlib.util
-import itertools
 import math
 
 import pytest
@@ -221,6 +220,13 @@ def test_adaptive_speculation_is_lossless_and_accounts_every_step():
     s = eng.last_stats
     assert s.path_step_tokens == s.generated_tokens - 12   # all but each path's first token (prefill)
     assert s.path_steps >= s.decode_steps
+    # both kinds of step ran, and the plain steps' share of time and tokens is what the estimate uses
+    assert s.speculative_steps > 0 and 0 < s.plain_step_tokens < s.path_step_tokens
+    assert 0 < s.plain_step_seconds < s.decode_seconds
+    rate, plain_rate = s.generated_tokens / s.decode_seconds, s.plain_step_tokens / s.plain_step_seconds
+    assert s.speedup_vs_plain_steps == pytest.approx(rate / plain_rate)
+    off = eng.generate(PROMPTS, n=4, params=base, chat=False) and eng.last_stats
+    assert off.speedup_vs_plain_steps is None and off.plain_step_tokens == 0
 
 
 # ---- the real default model -------------------------------------------------------------------
@@ -270,9 +276,13 @@ def test_cli_reports_speculation(monkeypatch, tmp_path, capsys):
     out = tmp_path / "r.json"
     assert main(["generate", "abcabcabc", "-n", "3", "--max-new-tokens", "30", "--temperature", "0",
                  "--speculate", "ngram", "--raw", "--json", str(out)]) == 0
-    assert "tokens per path per step" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "tokens per path per step" in printed
     r = json.loads(out.read_text())
     assert r["params"]["speculate"] == "ngram" and r["stats"]["tokens_per_path_step"] >= 1
+    speedup = r["stats"]["speedup_vs_plain_steps"]
+    assert (f"{speedup:.2f}x the tokens/s of this run's plain steps" in printed if speedup is not None
+            else "no plain step to compare" in printed)
     assert main(["generate", "hi", "--speculate", "medusa"]) == 2
     assert "--speculate" in capsys.readouterr().err
     assert main(["generate", "hi", "--speculate", "ngram", "--draft-budget", "0"]) == 2

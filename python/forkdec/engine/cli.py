@@ -165,7 +165,9 @@ def _print(paths: list[Completion], vote: Any, stats: GenerateStats, strategy: s
     if stats.path_steps:
         print(f"speculation: {stats.tokens_per_path_step:.2f} tokens per path per step; "
               f"{stats.speculative_steps} of {stats.decode_steps} steps verified drafts, "
-              f"{stats.accepted_draft_tokens} of {stats.draft_tokens} draft tokens accepted")
+              f"{stats.accepted_draft_tokens} of {stats.draft_tokens} draft tokens accepted; "
+              + (f"{speedup:.2f}x the tokens/s of this run's plain steps" if (speedup := stats.speedup_vs_plain_steps)
+                 else "no plain step to compare tokens/s with"))
     print(f"KV ({kv or 'model dtype'}): {_mib(stats.kv_bytes_peak)} held at peak, prompt {_mib(stats.kv_bytes_prompts)} stored once; "
           f"per-path prompt copies would need {_mib(stats.kv_bytes_if_copied)}")
 
@@ -193,5 +195,6 @@ def _result(args: argparse.Namespace, params: SamplingParams, paths: list[Comple
                   "kv_bytes_prompt": stats.kv_bytes_prompts, "kv_bytes_if_copied": stats.kv_bytes_if_copied,
                   "speculative_steps": stats.speculative_steps, "draft_tokens": stats.draft_tokens,
                   "accepted_draft_tokens": stats.accepted_draft_tokens,
-                  "tokens_per_path_step": stats.tokens_per_path_step},
+                  "tokens_per_path_step": stats.tokens_per_path_step,
+                  "speedup_vs_plain_steps": stats.speedup_vs_plain_steps},
     }

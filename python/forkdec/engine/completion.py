@@ -47,6 +47,8 @@ class GenerateStats:
     accepted_draft_tokens: int = 0  # of which accepted
     path_steps: int = 0             # sum over steps (tree or plain) of the paths decoded in them
     path_step_tokens: int = 0       # tokens those steps emitted
+    plain_step_seconds: float = 0.0  # decode steps that verified no tree (drafting included)
+    plain_step_tokens: int = 0       # tokens those steps emitted
 
     @property
     def seconds(self) -> float:
@@ -60,6 +62,16 @@ class GenerateStats:
     def tokens_per_path_step(self) -> float:
         """Tokens a path gained per decode step (1 without speculation; accepted drafts + 1 with it)."""
         return self.path_step_tokens / self.path_steps if self.path_steps else 1.0
+
+    @property
+    def speedup_vs_plain_steps(self) -> float | None:
+        """Decode tokens/s over the tokens/s of this run's own plain steps: an estimate of the
+        speedup over decoding without speculation from one run (None: no plain step to compare).
+        Plain steps include drafting, and a run's plain steps may have had other batch sizes than
+        its tree steps, so a run with speculation off is the real baseline (bench/speculative.py)."""
+        if not self.speculative_steps or not self.plain_step_seconds or not self.plain_step_tokens:
+            return None
+        return (self.generated_tokens / self.decode_seconds) / (self.plain_step_tokens / self.plain_step_seconds)
 
     @property
     def draft_acceptance(self) -> float:

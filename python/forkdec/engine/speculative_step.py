@@ -134,9 +134,12 @@ class Speculator:
         before = stats.generated_tokens
         stats.decode_seconds += time.perf_counter() - t0  # drafting time; plain_step adds its own
         plain_step()
+        emitted, seconds = stats.generated_tokens - before, time.perf_counter() - t0
         stats.path_steps += batch
-        stats.path_step_tokens += stats.generated_tokens - before
-        self.control.observe(batch, time.perf_counter() - t0, stats.generated_tokens - before)
+        stats.path_step_tokens += emitted
+        stats.plain_step_seconds += seconds
+        stats.plain_step_tokens += emitted
+        self.control.observe(batch, seconds, emitted)
 
     def verify(self, run: "_Run", tree: TreeInputs, logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(num_accepted [B], accepted_nodes [B, D], bonus token [B]) of the step's trees."""
