@@ -108,17 +108,18 @@ class SpeculationControl:
     costs a few percent of a step):
     - in the compute-bound regime (`compute_bound`), `patience` drafted steps in a row on
       which nothing paid;
-    - the safety net against a wrong cost model: once `min_samples` recent tree steps are
+    - the safety net against a wrong cost model: once `min_samples` tree steps are
       measured, the measured tokens/s of recent tree steps and plain steps (ratios of
       sums over the last `rate_window` steps of each kind) are compared, and unless trees
-      measure at least `margin` faster than plain steps no tree is verified. The margin pays for what a step's own time does not
-      show: drafting on the plain steps, and the ragged finish of paths that trees
-      advanced unevenly (the last steps run with fewer paths).
+      measure at least `margin` faster than plain steps no tree is verified. The margin
+      pays for what a step's own time does not show (drafting on the plain steps, paths
+      finishing unevenly) and keeps trees that merely break even within timing noise off.
     The hold doubles (up to `max_hold`) each time it ends without a tree that pays, and
     drops back when trees win again. The first drafted step after a hold is a probe: if
     the net holds trees off it verifies them anyway (the model's choice, or the whole
-    draft), so the measured tree rate stays current; its cost counts in the measured
-    rates like any step's. While trees win, a plain step every `plain_every` steps keeps
+    draft); a probe that wins by the margin clears the tree steps that tripped the net,
+    which are stale by then (a burst of load has passed, or the paths repeat more now).
+    Its cost counts in the measured rates like any step's. While trees win, a plain step every `plain_every` steps keeps
     the plain rate current. The first `learn` tree steps verify the whole draft (no fit
     yet). adaptive=False verifies every node the budget took (for comparisons).
     """
