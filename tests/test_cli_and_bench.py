@@ -67,3 +67,27 @@ def test_gpu_timed_row_reports_unavailable_failed_and_timed_implementations(monk
     assert ms is None and row[-1].startswith("error: ZeroDivisionError")
     row, ms = timed_row(["a"], lambda: 0, lambda: "ok", lambda: None, 4e9, 1000.0, 4000.0)
     assert ms == 2.0 and row == ["a", "2.000", "2000", "200%", "50%", "ok"]
+
+
+def test_xquant_ppl_report_separates_every_window_rows_from_fewer(tmp_path):
+    import json
+    from types import SimpleNamespace
+
+    from forkdec.bench import xquant_ppl as xp
+
+    cfg = SimpleNamespace(num_layers=30, num_kv_heads=3, head_dim=64, hidden_size=576)  # SmolLM2's shapes
+    settings = SimpleNamespace(window=2048, chunk=128)
+    rows = [xp._row(kind, cfg, nll, 1.0, settings) for kind, nll in [
+        ("fp32", [2.0, 3.0, 2.5]), ("xquant-latent-4", [2.001, 3.002, 2.5]), ("kivi-4", [2.002, 3.004, 2.5]),
+        ("xquant-latent-3", [2.03, 3.01]), ("kivi-3", [2.05, 3.02])]]
+    (tmp_path / "xquant.json").write_text(json.dumps({"settings": {"window": 2048, "chunk": 128}, "rows": rows}))
+    assert xp.run(["--report-only", "--out", str(tmp_path)]) == 0
+    every, fewer = (tmp_path / "xquant.md").read_text().split("## Fewer windows")
+    table = every.split("do not hold every window yet")[0]
+    assert "| `kivi-4` |" in table and "| `xquant-latent-4` |" in table and "`kivi-3`" not in table
+    assert "| `kivi-3` |" in fewer and "| `fp32` |" not in fewer
+    assert "`bf16`, `fp16`" in every  # the named kinds still short of every window are listed
+    # pairs are compared over the windows both hold; ΔPPL against fp32 over those windows
+    ref = xp._ppl([2.0, 3.0])
+    assert f"`kivi-3` {xp._ppl([2.05, 3.02]) / ref - 1:+.2%} vs `xquant-latent-3` " \
+           f"{xp._ppl([2.03, 3.01]) / ref - 1:+.2%} over 2 windows (XQuant <= KIVI)" in fewer
