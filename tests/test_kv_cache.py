@@ -192,6 +192,21 @@ def test_quantized_page_cannot_take_new_tokens():
         make_attend(batch, cache, prefill=False)
 
 
+@pytest.mark.parametrize("cap, sizes", [(None, [4, 4, 4, 4, 8, 8, 8]), (5, [4, 4, 4, 4, 5, 6, 7])])
+def test_window_pool_doubles_up_to_its_cap_then_grows_a_slot_at_a_time(cap, sizes):
+    cache = make_kv_cache("kivi-4-r0", tiny_model(), 8, max_window_slots=cap)
+    grown = []
+    for _ in sizes:
+        cache._slot()
+        grown.append(next(iter(cache.fp.values())).shape[1])
+    assert grown == sizes
+
+
+def test_window_pool_cap_below_one_names_max_window_slots():
+    with pytest.raises(ValueError, match=r"^max_window_slots: "):
+        make_kv_cache("kivi-4-r0", tiny_model(), 8, max_window_slots=0)
+
+
 def test_truncated_rank_approximates_k_and_v():
     # rank 32 of 64: K, V are the best rank-32 approximations, so the latents are half as wide and
     # the projection error is exactly the dropped singular values' energy (Eckart-Young)

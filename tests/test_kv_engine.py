@@ -50,6 +50,8 @@ def test_the_kv_budget_bounds_what_a_quantized_cache_holds_window_included(kv):
                        progress=lambda p: held.append((eng.cache.bytes_used, p.running_paths)))
     assert [len(c.token_ids) for c in out[0]] == [100] * 5
     assert max(b for b, _ in held) <= budget and max(r for _, r in held) == 2
+    # the window pool is allocated for no more slots than the budget can hold (not doubled past it)
+    assert next(iter(eng.cache.fp.values())).shape[1] <= eng.max_window_slots
     with pytest.raises(ValueError, match=r"kv_budget_bytes: .* \(full-precision windows included\)"):
         tiny_engine(kv, kv_budget_bytes=(3 + path_pages + wp) * probe.page_bytes).generate(
             PROMPT, params=params, chat=False)

@@ -19,7 +19,7 @@ from torch import Tensor
 import forkdec.ops as ops
 from forkdec.engine.attend import make_attend, pick_backend
 from forkdec.engine.completion import Completion, GenerateStats
-from forkdec.engine.kv_cache import PagedKVCache, kv_page_bytes, kv_window_pages, make_kv_cache
+from forkdec.engine.kv_cache import PagedKVCache, kv_page_bytes, kv_window_pages, kv_window_slots, make_kv_cache
 from forkdec.engine.metadata import decode_batch, prefill_batch
 from forkdec.engine.params import SamplingParams
 from forkdec.engine.progress import Progress
@@ -81,6 +81,9 @@ class Engine:
                 f"{budget} bytes hold no page; one page of {self.page_size} tokens takes {self.page_bytes} bytes")
         self.kv_budget_bytes = budget
         self.max_pages = budget // self.page_bytes
+        # the most window slots the budget can hold: caps the quantized cache's window pool
+        self.max_window_slots = (max(1, self.max_pages // self.window_pages) * kv_window_slots(kv)
+                                 if self.window_pages else None)
         self.cache: PagedKVCache | None = None
         self.last_stats: GenerateStats | None = None
 
@@ -143,7 +146,8 @@ class Engine:
     def _cache_for(self, pages: int) -> PagedKVCache:
         if self.cache is None or self.cache.num_pages < pages:
             self.cache = None  # drop the old cache before allocating its successor
-            self.cache = make_kv_cache(self.kv, self.model, pages, page_size=self.page_size)
+            self.cache = make_kv_cache(self.kv, self.model, pages, page_size=self.page_size,
+                                       max_window_slots=self.max_window_slots)
         return self.cache
 
 

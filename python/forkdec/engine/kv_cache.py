@@ -114,9 +114,11 @@ class PagedKVCache:
         return -(-tokens // self.page_size)
 
 
-def make_kv_cache(kv: str | None, model, num_pages: int, *, page_size: int = 16):
+def make_kv_cache(kv: str | None, model, num_pages: int, *, page_size: int = 16,
+                  max_window_slots: int | None = None):
     """The cache of kind `kv` (see forkdec.xquant.kinds; None: K/V in the model's dtype)
-    for `model`: a PagedKVCache for the fp kinds, a QuantizedKVCache otherwise."""
+    for `model`: a PagedKVCache for the fp kinds, a QuantizedKVCache otherwise
+    (max_window_slots: its window pool's cap, see QuantizedKVCache)."""
     from forkdec.xquant.kinds import parse_kind
 
     cfg = model.config
@@ -128,7 +130,7 @@ def make_kv_cache(kv: str | None, model, num_pages: int, *, page_size: int = 16)
                             dtype=dtype, device=device)
     from forkdec.xquant.cache import QuantizedKVCache
 
-    return QuantizedKVCache(kind, model, num_pages, device=device)
+    return QuantizedKVCache(kind, model, num_pages, device=device, max_window_slots=max_window_slots)
 
 
 def kv_page_bytes(kv: str | None, model, page_size: int = 16) -> tuple[int, int]:
@@ -161,5 +163,15 @@ def kv_window_pages(kv: str | None, model, page_size: int = 16) -> int:
     p, quant_bytes = kv_page_bytes(kv, model, page_size)
     item = torch.empty((), dtype=window_dtype(kind, model.dtype)).element_size()
     slot_bytes = model.config.num_layers * p * sum(w for _, w, _ in stream_widths(kind, model.config)) * item
-    slots = -(-(kind.residual + p) // p)
-    return -(-slots * slot_bytes // quant_bytes)
+    return -(-kv_window_slots(kv) * slot_bytes // quant_bytes)
+
+
+def kv_window_slots(kv: str | None) -> int:
+    """Window slots (pages of the kind's size) one live sequence's window spans at most: 0 for fp kinds."""
+    from forkdec.xquant.kinds import parse_kind
+
+    kind = None if kv is None else parse_kind(kv)
+    if kind is None or not kind.quantized:
+        return 0
+    p = kind.page_size()
+    return -(-(kind.residual + p) // p)

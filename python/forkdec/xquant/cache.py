@@ -81,11 +81,16 @@ class QuantizedKVCache:
 
     num_pages: logical pages (page_size = kind.page_size()). The engine hands
     `make_attend` a StepBatch per step; `bytes_used` is what the cache holds now.
+    max_window_slots: the window slots a caller's budget allows (None: unbounded); the
+    window pool grows by doubling up to it, then a slot at a time.
     """
 
-    def __init__(self, kind: KVKind, model, num_pages: int, *, device: torch.device | str = "cpu") -> None:
+    def __init__(self, kind: KVKind, model, num_pages: int, *, device: torch.device | str = "cpu",
+                 max_window_slots: int | None = None) -> None:
         require(kind.quantized, "kv", f"{kind.name!r} is not a quantized kind")
         require(num_pages >= 1, "num_pages", f"must be >= 1, got {num_pages}")
+        require(max_window_slots is None or max_window_slots >= 1, "max_window_slots",
+                f"must be >= 1 or None, got {max_window_slots}")
         cfg = model.config
         self.kind, self.config, self.device = kind, cfg, torch.device(device)
         self.page_size = p = kind.page_size()
@@ -104,6 +109,7 @@ class QuantizedKVCache:
         self.quant = torch.zeros(num_pages, dtype=torch.bool)
         self.start_pos = torch.zeros(num_pages, dtype=torch.long)
         self._free_slots: list[int] = []
+        self.max_window_slots = max_window_slots
         self._pending: _Step | None = None  # a tree step waiting for keep_accepted (its flush deferred)
 
     # ---- memory ---------------------------------------------------------------------------------
@@ -131,9 +137,11 @@ class QuantizedKVCache:
 
     # ---- window slots ---------------------------------------------------------------------------
     def _slot(self) -> int:
-        if not self._free_slots:  # grow the pool (doubling); slots are only handed out between steps
+        if not self._free_slots:  # grow the pool; slots are only handed out between steps
             old = self.fp[self.streams[0][0]].shape[1]
             new = max(4, 2 * old)
+            if self.max_window_slots is not None:  # past the cap only a wide tree step needs more
+                new = max(old + 1, min(new, self.max_window_slots))
             for name, t in self.fp.items():
                 self.fp[name] = torch.cat([t, t.new_empty(t.shape[0], new - old, *t.shape[2:])], dim=1)
             self._free_slots = list(range(new - 1, old - 1, -1))
