@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import argparse
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -79,3 +79,21 @@ def timed_row(label: list[str], impl, check, call, nbytes: float, copy_gbs: floa
     row = label + [f"{ms:.3f}", f"{gbs:.0f}", f"{gbs / copy_gbs:.0%}", f"{gbs / peak:.0%}" if peak else "-", checked]
     print(" | ".join(row))
     return row, ms
+
+
+def timed_rows(cases: list, make: Callable[[Any], Any], impls: dict, label: Callable[[Any, str], list[str]],
+               check: Callable[[Any, Any], str], nbytes: Callable[[Any], float], copy_gbs: float,
+               peak: Optional[float]) -> list[list[str]]:
+    """timed_row for every case x implementation, plus a note column: make(case) builds a
+    case's inputs once (freed before the next case), label(case, name) starts its rows,
+    check(impl, inputs) ends them and nbytes(inputs) is what one call moves."""
+    rows = []
+    for case in cases:
+        x = make(case)
+        for name, impl in impls.items():
+            row, ms = timed_row(label(case, name), impl, lambda: check(impl, x), lambda: impl(x), nbytes(x),
+                                copy_gbs, peak)
+            rows.append(row + ([""] if ms is not None else []))
+        x = None  # freed before the next case's inputs
+        torch.cuda.empty_cache()
+    return rows

@@ -18,7 +18,7 @@ from typing import Callable, Optional
 
 import torch
 
-from forkdec.bench.gpu_common import device_bandwidth, gpu_facts, parse_shape_cases, timed_row
+from forkdec.bench.gpu_common import device_bandwidth, gpu_facts, parse_shape_cases, timed_rows
 
 from forkdec.bench.sampling import torch_sample
 
@@ -116,19 +116,10 @@ def measure(cases: list[tuple[tuple[int, int], str]], out_dir: Optional[str]) ->
 
     device = torch.device("cuda")
     copy_gbs, peak = device_bandwidth(device)
-    impls = implementations(device)
-
-    rows = []
-    for shape, dtype_name in cases:
-        x = make_input(shape, DTYPES[dtype_name], device)
-        nbytes = x.numel() * x.element_size()
-        for name, impl in impls.items():
-            label = [f"{shape[0]}x{shape[1]}", dtype_name, name]
-            row, ms = timed_row(label, impl, lambda: str(out_of_support(impl, x)), lambda: impl(x), nbytes, copy_gbs,
-                                peak)
-            rows.append(row + ([""] if ms is not None else []))
-        del x
-        torch.cuda.empty_cache()
+    rows = timed_rows(cases, lambda c: make_input(c[0], DTYPES[c[1]], device), implementations(device),
+                      lambda c, name: [f"{c[0][0]}x{c[0][1]}", c[1], name],
+                      lambda impl, x: str(out_of_support(impl, x)),
+                      lambda x: x.numel() * x.element_size(), copy_gbs, peak)  # one read of the logits
 
     header = ["shape", "dtype", "implementation", "ms", "GB/s", "of copy", "of peak", "off-support tokens", "note"]
     table = markdown_table(header, rows)

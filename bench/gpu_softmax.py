@@ -17,7 +17,7 @@ from typing import Callable, Optional
 
 import torch
 
-from forkdec.bench.gpu_common import device_bandwidth, gpu_facts, parse_shape_cases, timed_row
+from forkdec.bench.gpu_common import device_bandwidth, gpu_facts, parse_shape_cases, timed_rows
 
 SHAPES = [(64, 262144), (512, 49152), (4096, 4096)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -108,18 +108,10 @@ def measure(cases: list[tuple[tuple[int, int], str]], out_dir: Optional[str]) ->
 
     device = torch.device("cuda")
     copy_gbs, peak = device_bandwidth(device)
-    impls = implementations(device)
-
-    rows = []
-    for shape, dtype_name in cases:
-        x = make_input(shape, DTYPES[dtype_name], device)
-        nbytes = x.numel() * (2 * x.element_size() + 4)  # 2 reads + 1 fp32 write
-        for name, impl in impls.items():
-            label = [f"{shape[0]}x{shape[1]}", dtype_name, name]
-            row, ms = timed_row(label, impl, lambda: f"{max_error(impl, x):.1e}", lambda: impl(x), nbytes, copy_gbs, peak)
-            rows.append(row + ([""] if ms is not None else []))
-        del x
-        torch.cuda.empty_cache()
+    rows = timed_rows(cases, lambda c: make_input(c[0], DTYPES[c[1]], device), implementations(device),
+                      lambda c, name: [f"{c[0][0]}x{c[0][1]}", c[1], name],
+                      lambda impl, x: f"{max_error(impl, x):.1e}",
+                      lambda x: x.numel() * (2 * x.element_size() + 4), copy_gbs, peak)  # 2 reads + 1 fp32 write
 
     header = ["shape", "dtype", "implementation", "ms", "GB/s", "of copy", "of peak", "max abs err", "note"]
     table = markdown_table(header, rows)

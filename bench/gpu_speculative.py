@@ -21,7 +21,7 @@ from typing import Callable, Optional
 
 import torch
 
-from forkdec.bench.gpu_common import device_bandwidth, gpu_facts, timed_row
+from forkdec.bench.gpu_common import device_bandwidth, gpu_facts, timed_rows
 
 
 # (kind, requests, nodes or chain length, vocab)
@@ -154,17 +154,10 @@ def measure(dtype_names: list[str], out_dir: Optional[str]) -> int:
 
     device = torch.device("cuda")
     copy_gbs, peak = device_bandwidth(device)
-    rows = []
-    for dtype_name in dtype_names:
-        for case in CASES:
-            x = make_inputs(*case, DTYPES[dtype_name], device)
-            for name, impl in implementations(device).items():
-                label = [f"{case[0]} B={case[1]} n={case[2]} V={case[3]}", dtype_name, name]
-                row, ms = timed_row(label, impl, lambda: f"{float(impl(x).float().mean()):.2f}", lambda: impl(x),
-                                    nbytes(x), copy_gbs, peak)
-                rows.append(row + ([""] if ms is not None else []))
-            del x
-            torch.cuda.empty_cache()
+    cases = [(dtype_name, case) for dtype_name in dtype_names for case in CASES]
+    rows = timed_rows(cases, lambda c: make_inputs(*c[1], DTYPES[c[0]], device), implementations(device),
+                      lambda c, name: [f"{c[1][0]} B={c[1][1]} n={c[1][2]} V={c[1][3]}", c[0], name],
+                      lambda impl, x: f"{float(impl(x).float().mean()):.2f}", nbytes, copy_gbs, peak)
     header = ["case", "dtype", "implementation", "ms", "effective GB/s", "of copy", "of peak", "mean accepted",
               "note"]
     table = markdown_table(header, rows)

@@ -210,7 +210,7 @@ def measure(model_names: list[str], out_dir: Optional[str]) -> int:
                 ms = do_bench(lambda: impl(c), return_mode="median")
                 rows.append(label + [f"{ms * 1e3:.1f}", ""])
                 print(" | ".join(rows[-1]))
-            del c
+            c = None  # freed before the next case
             torch.cuda.empty_cache()
     body = ("## Prompt level of a decode step (one layer)\n\n"
             + markdown_table(["model", "paths", "prompt", "implementation", "us", "note"], rows) + "\n\n"

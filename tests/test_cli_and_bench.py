@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import forkdec
 from forkdec.cli import main
@@ -67,6 +68,24 @@ def test_gpu_timed_row_reports_unavailable_failed_and_timed_implementations(monk
     assert ms is None and row[-1].startswith("error: ZeroDivisionError")
     row, ms = timed_row(["a"], lambda: 0, lambda: "ok", lambda: None, 4e9, 1000.0, 4000.0)
     assert ms == 2.0 and row == ["a", "2.000", "2000", "200%", "50%", "ok"]
+
+
+def test_gpu_timed_rows_build_each_case_once_and_add_a_note_column(monkeypatch):
+    pytest.importorskip("triton", reason="the GPU benchmarks time with triton.testing.do_bench")
+    import triton.testing
+
+    from forkdec.bench.gpu_common import timed_rows
+
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, return_mode: (fn(), 2.0)[1])
+    built = []
+    rows = timed_rows([1, 3], lambda c: built.append(c) or torch.ones(c), {"sum": lambda x: x.sum(), "ext": "absent"},
+                      lambda c, name: [f"n={c}", name], lambda impl, x: f"{float(impl(x)):.0f}",
+                      lambda x: 2e9 * x.numel(), 1000.0, None)
+    assert built == [1, 3]
+    assert rows == [["n=1", "sum", "2.000", "1000", "100%", "-", "1", ""],
+                    ["n=1", "ext", "-", "-", "-", "-", "-", "n/a: absent"],
+                    ["n=3", "sum", "2.000", "3000", "300%", "-", "3", ""],
+                    ["n=3", "ext", "-", "-", "-", "-", "-", "n/a: absent"]]
 
 
 def test_xquant_ppl_report_separates_every_window_rows_from_fewer(tmp_path):
