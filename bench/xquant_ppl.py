@@ -118,6 +118,9 @@ def _targets(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+X_MAX, Y_MAX = 1.05, 300.0  # the plot's range: fraction of fp16, ΔPPL %
+
+
 def _plot(rows: list[dict], path) -> bool:
     try:
         import matplotlib
@@ -129,20 +132,30 @@ def _plot(rows: list[dict], path) -> bool:
     base = next(r for r in rows if r["kind"] == "fp32")
     fig, ax = plt.subplots(figsize=(8, 5.5))
     every = len(base["window_nll"])
+
+    def point(r: dict) -> tuple[float, float, str]:  # off-scale points sit on the edge, their values in the label
+        x, y, name = r["frac_2048"], 100 * _delta(r, base)[1], r["kind"].replace("xquant-", "xq-")
+        if x > X_MAX or y > Y_MAX:
+            return min(x, X_MAX), min(y, Y_MAX), f"{name} ({x:.2f}, {y:+.0f}%, off scale)"
+        return x, y, name
+
     for i, (family, marker) in enumerate(MARKERS.items()):
         pts = [r for r in rows if r["family"] == family]
         for full in (True, False):  # hollow: fewer windows than fp32 holds
-            sel = [r for r in pts if (len(r["window_nll"]) >= every) == full]
+            sel = [point(r) for r in pts if (len(r["window_nll"]) >= every) == full]
             if sel:
                 color = f"C{i}"
                 style = ({"color": color} if full else {"color": color, "alpha": 0.4} if marker == "x"
                          else {"facecolors": "none", "edgecolors": color})
-                ax.scatter([r["frac_2048"] for r in sel], [100 * _delta(r, base)[1] for r in sel], marker=marker,
-                           s=40, label=family + ("" if full else " (fewer windows)"), **style)
-            for r in sel:
-                ax.annotate(r["kind"].replace("xquant-", "xq-"), (r["frac_2048"], 100 * _delta(r, base)[1]),
-                            fontsize=6, xytext=(3, 2), textcoords="offset points")
+                ax.scatter([x for x, _, _ in sel], [y for _, y, _ in sel], marker=marker,
+                           s=40, label=family + ("" if full else " (fewer windows)"), **style, clip_on=False)
+            for x, y, name in sel:
+                edge = name.endswith("off scale)")
+                ax.annotate(name, (x, y), fontsize=6, xytext=(-4, -9) if edge else (3, 2), textcoords="offset points",
+                            ha="right" if x >= X_MAX else "left", alpha=1.0 if full else 0.7)
     ax.set_yscale("symlog", linthresh=1.0)
+    ax.set_xlim(0, X_MAX)
+    ax.set_ylim(top=Y_MAX)
     ax.axhline(1.0, color="gray", lw=0.6, ls="--")
     ax.axvline(0.30, color="gray", lw=0.6, ls="--")
     ax.axvline(0.10, color="gray", lw=0.6, ls=":")
