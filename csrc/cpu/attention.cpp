@@ -514,6 +514,7 @@ void combine(const KernelArgs& a, const Plan& plan, int64_t num_levels, const Th
           const Unit& unit =
               plan.units[group.unit_base + (hk / group.heads_per_unit) * group.blocks + r / group.rows_per_block];
           direct |= unit.direct;
+          if (unit.direct) continue;  // its item wrote the output itself: part_row is -1
           for (int64_t i = unit.first_item; i < unit.first_item + unit.items; ++i) {
             const Item& it = plan.items[static_cast<size_t>(i)];
             const int64_t pr = it.part_row + (hk - it.hk0) * (it.r1 - it.r0) + (r - it.r0);
