@@ -75,4 +75,10 @@ TORCH_LIBRARY(forkdec, m) {
         "-> (Tensor q, Tensor k, Tensor v)");
   // silu(x[..., :I]) * x[..., I:] for x [..., 2I].
   m.def("silu_and_mul(Tensor x) -> Tensor");
+
+  // Linear layer on GGUF block-quantized weights packed by forkdec.ops.qlinear
+  // (layout: csrc/cpu/qlinear.h): x [..., k] -> [..., N] in out_dtype (x's dtype
+  // when None). bits 4 (Q4_0, Q4_1) or 8 (Q8_0); bias fp32-convertible [N].
+  m.def("qlinear(Tensor x, Tensor codes, Tensor scale, Tensor offset, int bits, int k, Tensor? bias, "
+        "ScalarType? out_dtype) -> Tensor");
 }

@@ -1,0 +1,150 @@
+"""qlinear beyond the harness: packing against gguf's own dequantizer, exactness when the
+activations are int8-representable, the rounding bound, bad input, unsupported types."""
+import numpy as np
+import pytest
+import torch
+
+import forkdec
+from forkdec import ops, reference
+from forkdec.qweight import QuantizedWeight, concat_rows, dequantize, pack_gguf
+
+needs_ext = pytest.mark.skipif(forkdec._extension.load() is None,
+                               reason=f"C++ extension unavailable: {forkdec._extension.error()}")
+GGML = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8}
+
+
+def _raw(qtype, n, k, seed=0):
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    w = np.random.default_rng(seed).standard_normal((n, k)).astype(np.float32)
+    return np.ascontiguousarray(quantize(w, GGMLQuantizationType(GGML[qtype])))
+
+
+@pytest.mark.parametrize("qtype", list(GGML))
+@pytest.mark.parametrize("k", [32, 64, 96, 128, 576])
+def test_packing_keeps_every_stored_value(qtype, k):
+    """dequantize(pack_gguf(bytes)) is exactly gguf's dequantization of the same bytes."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize as gguf_dequantize
+
+    raw = _raw(qtype, 7, k, seed=k)
+    packed = pack_gguf(raw, GGML[qtype], (7, k))
+    want = torch.from_numpy(gguf_dequantize(raw, GGMLQuantizationType(GGML[qtype])).astype(np.float32))
+    assert torch.equal(dequantize(packed), want.reshape(7, k))
+    rows = torch.tensor([5, 0, 3])
+    assert torch.equal(dequantize(packed, rows), want.reshape(7, k)[rows])
+    assert torch.equal(dequantize(packed.rows(rows)), want.reshape(7, k)[rows])
+
+
+def _int8_exact_x(m, k, g):
+    """Activations int8 rounding keeps exactly: integers in [-127, 127], each block's max 127."""
+    x = torch.randint(-127, 128, (m, k), generator=g).float()
+    x.view(m, k // 32, 32)[:, :, 0] = 127.0
+    return x
+
+
+@needs_ext
+@pytest.mark.parametrize("qtype", list(GGML))
+@pytest.mark.parametrize("isa", ["avx2", "avx512", "scalar"])
+def test_cpu_is_exact_on_int8_representable_activations(qtype, isa):
+    ext = forkdec._extension.load()
+    if isa not in ext.available_cpu_isas():
+        pytest.skip(f"this CPU has no {isa}")
+    previous = ext.cpu_isa()
+    ext.set_cpu_isa(isa)
+    try:
+        g = torch.Generator().manual_seed(1)
+        w = pack_gguf(_raw(qtype, 50, 576, seed=2), GGML[qtype], (50, 576))
+        x = _int8_exact_x(9, 576, g)
+        got = ops.qlinear(x, w, backend="cpu")
+    finally:
+        ext.set_cpu_isa(previous)
+    wd = dequantize(w).double()
+    want = x.double() @ wd.t()
+    # Only fp32 accumulation error: relative to the sum of the products' magnitudes.
+    assert ((got.double() - want).abs() <= 1e-5 * (x.double().abs() @ wd.abs().t()) + 1e-6).all()
+
+
+@needs_ext
+@pytest.mark.parametrize("qtype", list(GGML))
+def test_cpu_error_within_activation_rounding_bound(qtype):
+    """|out - exact| <= sum over blocks of (max|x_b| / 127 / 2) * sum |w_b|, per output."""
+    g = torch.Generator().manual_seed(3)
+    w = pack_gguf(_raw(qtype, 64, 1536, seed=4), GGML[qtype], (64, 1536))
+    x = torch.randn(5, 1536, generator=g) * torch.linspace(0.1, 10, 1536)  # blocks of different scales
+    got = ops.qlinear(x, w, backend="cpu").double()
+    wd = dequantize(w).double()
+    exact = x.double() @ wd.t()
+    step = x.abs().reshape(5, -1, 32).amax(-1).double() / 127 / 2  # [m, blocks]
+    bound = step @ wd.abs().reshape(64, -1, 32).sum(-1).t()  # [m, n]
+    assert ((got - exact).abs() <= bound * 1.0001 + 1e-4).all()
+    assert ((got - exact).abs() > 0).any()  # the activations really were rounded
+
+
+@needs_ext
+def test_lm_head_fp32_out_from_bf16_x():
+    g = torch.Generator().manual_seed(5)
+    w = pack_gguf(_raw("Q8_0", 300, 576, seed=6), 8, (300, 576))
+    x = torch.randn(3, 576, generator=g).bfloat16()
+    out = ops.qlinear(x, w, out_dtype=torch.float32, backend="cpu")
+    assert out.dtype == torch.float32
+    ref = reference.qlinear(x, w, out_dtype=torch.float32)
+    assert (out - ref).norm() / ref.norm() < 2e-2
+
+
+def test_concat_rows_stacks_and_refuses_mixed_formats():
+    a = pack_gguf(_raw("Q4_1", 4, 64), 3, (4, 64))
+    b = pack_gguf(_raw("Q4_1", 2, 64, seed=1), 3, (2, 64))
+    assert torch.equal(dequantize(concat_rows([a, b])), torch.cat([dequantize(a), dequantize(b)]))
+    with pytest.raises(ValueError, match="^weights:"):
+        concat_rows([a, pack_gguf(_raw("Q8_0", 2, 64), 8, (2, 64))])
+
+
+@pytest.mark.parametrize("ggml_type,name", [(12, "Q4_K"), (14, "Q6_K"), (1, "F16"), (6, "Q5_0")])
+def test_unsupported_type_names_tensor_and_type(ggml_type, name):
+    with pytest.raises(ValueError, match=rf"^blk\.3\.ffn_down\.weight: GGUF type {name} has no qlinear kernel"):
+        pack_gguf(np.zeros((2, 144), np.uint8), ggml_type, (2, 256), name="blk.3.ffn_down.weight")
+
+
+def test_bad_bytes_and_width():
+    with pytest.raises(ValueError, match="^w: expected 40 bytes"):
+        pack_gguf(np.zeros((2, 19), np.uint8), 3, (2, 32), name="w")
+    with pytest.raises(ValueError, match="^w: Q4_1 rows must hold"):
+        pack_gguf(np.zeros((2, 20), np.uint8), 3, (2, 48), name="w")
+
+
+@pytest.mark.parametrize("call,name", [
+    (lambda w: ops.qlinear(torch.randn(2, 65), w), "x"),
+    (lambda w: ops.qlinear(torch.randn(2, 64).long(), w), "x"),
+    (lambda w: ops.qlinear(torch.randn(2, 64), torch.randn(4, 64)), "weight"),
+    (lambda w: ops.qlinear(torch.randn(2, 64), w, torch.randn(5)), "bias"),
+    (lambda w: ops.qlinear(torch.randn(2, 64), w, out_dtype=torch.int32), "out_dtype"),
+    (lambda w: ops.qlinear(torch.randn(2, 64), w, backend="nope"), "backend"),
+])
+def test_bad_input_names_the_argument(call, name):
+    w = pack_gguf(_raw("Q4_1", 4, 64), 3, (4, 64))
+    with pytest.raises(ValueError, match=f"^{name}:"):
+        call(w)
+
+
+@needs_ext
+def test_kernel_checks_hold_without_validation():
+    """With validation off the C++ op still refuses a mismatched width instead of reading past the rows."""
+    w = pack_gguf(_raw("Q4_1", 4, 64), 3, (4, 64))
+    with forkdec.validation(False), pytest.raises(RuntimeError, match="x must be"):
+        ops.qlinear(torch.randn(2, 96), w, backend="cpu")
+    bad = QuantizedWeight(w.codes[:, :16].contiguous(), w.scale, w.offset, 4, 64, "Q4_1")
+    with forkdec.validation(False), pytest.raises(RuntimeError, match="codes must be"):
+        ops.qlinear(torch.randn(2, 64), bad, backend="cpu")
+
+
+@needs_ext
+def test_torch_compile_traces_the_op():
+    """The C++ op has a fake implementation: it traces into one graph."""
+    w = pack_gguf(_raw("Q8_0", 16, 128), 8, (16, 128))
+    op = torch.ops.forkdec.qlinear
+    f = torch.compile(lambda x: op(x, w.codes, w.scale, w.offset, w.bits, w.k, None, None) * 2, backend="eager",
+                      fullgraph=True)
+    x = torch.randn(3, 128)
+    torch.testing.assert_close(f(x), ops.qlinear(x, w, backend="cpu") * 2)
