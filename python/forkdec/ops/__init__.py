@@ -3,7 +3,7 @@ from forkdec.ops.attention import (CascadeLevel, append_kv, attention, cascade_a
                                    merge_states)
 from forkdec.ops.cascade_plan import CascadePlan
 from forkdec.ops.layer_ops import add_rms_norm, rms_norm, rope_qkv, silu_and_mul
-from forkdec.ops.sampling import sample
+from forkdec.ops.sampling import SampleOutput, sample, sample_with_logprobs
 from forkdec.ops.softmax import softmax
 from forkdec.ops.speculative import (VerifyResult, chain_speculative_sampling, verify_tree_greedy,
                                      verify_tree_sampling)
@@ -11,5 +11,5 @@ from forkdec.ops.xquant import xquant_attention
 
 __all__ = ["add_rms_norm", "append_kv", "attention", "cascade_attention", "CascadeLevel", "CascadePlan",
            "chain_speculative_sampling", "merge_state", "merge_states", "rms_norm", "rope_qkv", "sample",
-           "silu_and_mul", "softmax", "verify_tree_greedy",
+           "sample_with_logprobs", "SampleOutput", "silu_and_mul", "softmax", "verify_tree_greedy",
            "verify_tree_sampling", "VerifyResult", "xquant_attention"]
