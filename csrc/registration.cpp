@@ -35,6 +35,14 @@ TORCH_LIBRARY(forkdec, m) {
   // (semantics: docs/sampling.md). Each row_* tensor [R] replaces its scalar.
   m.def("sample(Tensor logits, Tensor uniforms, Tensor? row_ids, float temperature, Tensor? row_temperature, "
         "int top_k, Tensor? row_top_k, float top_p, Tensor? row_top_p, float min_p, Tensor? row_min_p) -> Tensor");
+  // sample, plus per output row the token's logprob under the unfiltered
+  // temperature-1 distribution (fp32 [R]), the num_top largest logprobs and
+  // their ids ([R, num_top], descending, ties by lower id) and the confidence
+  // -mean(top logprobs) (fp32 [R]; NaN when num_top = 0).
+  m.def("sample_with_logprobs(Tensor logits, Tensor uniforms, Tensor? row_ids, float temperature, "
+        "Tensor? row_temperature, int top_k, Tensor? row_top_k, float top_p, Tensor? row_top_p, float min_p, "
+        "Tensor? row_min_p, int num_top) -> (Tensor tokens, Tensor logprobs, Tensor top_logprobs, "
+        "Tensor top_ids, Tensor confidence)");
 
   // Greedy verification of a ragged batch of draft trees (docs/speculative.md):
   // target_logits [N + B, V], request b's rows start at tree_indptr[b] + b.

@@ -408,3 +408,136 @@ def test_cpu_tokens_do_not_depend_on_the_thread_count():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, forkdec.ops.sample(x, row_ids=ids, seed=4, top_k=30, top_p=0.9, backend="cpu"))
+
+
+# ---- sample_with_logprobs: per-token signals ------------------------------------------------------
+
+def _signal_backends():
+    return ["reference", pytest.param("cpu", marks=needs_ext), pytest.param("triton", marks=needs_triton)]
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_ext)])
+@pytest.mark.parametrize("filters", ["none", "combined"])
+def test_sample_with_logprobs_draws_follow_filtered_probs(backend, filters):
+    """Exact in distribution: 40k draws (row_ids fan-out, seed fixed) against
+    filtered_probs, chi-square at 1e-6 as above; and the same tokens as `sample`."""
+    g = torch.Generator().manual_seed(zlib.crc32(f"signals-{filters}".encode()))
+    x = _row("randn", 1000, g)
+    n = 40_000
+    ids = torch.zeros(n, dtype=torch.long)
+    out = forkdec.ops.sample_with_logprobs(x, row_ids=ids, seed=11, backend=backend, top_logprobs=20,
+                                           **FILTERS[filters])
+    _assert_matches(out.tokens, reference.filtered_probs(x, **FILTERS[filters])[0])
+    plain = forkdec.ops.sample(x, row_ids=ids, seed=11, backend=backend, **FILTERS[filters])
+    assert torch.equal(out.tokens, plain)
+    # one row: every output carries its signals
+    lse = torch.logsumexp(x[0], 0)
+    torch.testing.assert_close(out.logprobs, x[0, out.tokens] - lse, atol=2e-5, rtol=1e-5)
+    assert torch.equal(out.top_ids, out.top_ids[:1].expand(n, -1))
+
+
+def test_signals_on_a_hand_worked_row():
+    # probabilities 0.5, 0.25, 0.125, 0.125: top-2 logprobs log .5, log .25, confidence -(log .5 + log .25) / 2
+    x = torch.tensor([[0.125, 0.5, 0.25, 0.125]]).log() + 3.0  # a shift changes nothing
+    for backend in forkdec.backends.available_backends("sample_with_logprobs"):
+        out = forkdec.ops.sample_with_logprobs(x, top_logprobs=2, temperature=0.0, seed=0, backend=backend)
+        assert out.tokens.tolist() == [1]
+        torch.testing.assert_close(out.logprobs, torch.tensor([math.log(0.5)]))
+        torch.testing.assert_close(out.top_logprobs, torch.tensor([[math.log(0.5), math.log(0.25)]]))
+        assert out.top_ids.tolist() == [[1, 2]]
+        torch.testing.assert_close(out.confidence, torch.tensor([-(math.log(0.5) + math.log(0.25)) / 2]))
+        # ties: ids 0 and 3 have the same logit; the lower id comes first
+        out = forkdec.ops.sample_with_logprobs(x, top_logprobs=4, seed=0, backend=backend)
+        assert out.top_ids.tolist() == [[1, 2, 0, 3]]
+
+
+def test_signals_do_not_depend_on_the_temperature_or_filters():
+    x = torch.randn(3, 300, generator=torch.Generator().manual_seed(3))
+    for backend in forkdec.backends.available_backends("sample_with_logprobs"):
+        a = forkdec.ops.sample_with_logprobs(x, seed=5, backend=backend)
+        b = forkdec.ops.sample_with_logprobs(x, seed=5, temperature=0.3, top_k=5, top_p=0.5, backend=backend)
+        torch.testing.assert_close(a.top_logprobs, b.top_logprobs)
+        torch.testing.assert_close(a.confidence, b.confidence)
+        torch.testing.assert_close(b.logprobs, torch.log_softmax(x, -1).gather(1, b.tokens[:, None])[:, 0])
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_ext)])
+def test_signals_agree_across_instruction_sets_and_dtypes(backend, cpu_isa):
+    g = torch.Generator().manual_seed(9)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        x = (torch.randn(4, 5003, generator=g) * 3).to(dtype)
+        ref = reference.sample_with_logprobs(x, draw_uniforms(4, x.device, seed=2), num_top=20)
+        isas = _cpu_isas() if backend == "cpu" else [None]
+        for isa in isas:
+            if isa is not None:
+                cpu_isa(isa)
+            out = forkdec.ops.sample_with_logprobs(x, seed=2, backend=backend)
+            assert torch.equal(out.tokens, ref[0]) and torch.equal(out.top_ids, ref[3]), (isa, dtype)
+            torch.testing.assert_close(out.logprobs, ref[1], atol=2e-5, rtol=1e-5)
+            torch.testing.assert_close(out.confidence, ref[4], atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_ext)])
+@pytest.mark.parametrize("k", [0, -1, 11, True, 2.0])
+def test_top_logprobs_outside_1_to_vocab_is_a_value_error(backend, k):
+    x = torch.randn(2, 10)
+    with pytest.raises(ValueError, match="^top_logprobs:"):
+        forkdec.ops.sample_with_logprobs(x, top_logprobs=k, backend=backend)
+
+
+def test_logprobs_only_returns_no_confidence():
+    x = torch.randn(2, 10)
+    out = forkdec.ops.sample_with_logprobs(x, top_logprobs=None, seed=1, backend="reference")
+    assert out.confidence is None and out.top_ids.shape == (2, 0)
+
+
+@needs_ext
+def test_direct_signals_op_rejects_a_bad_num_top():
+    x, u = torch.randn(2, 10), torch.rand(2)
+    with pytest.raises(ValueError, match="num_top"):
+        torch.ops.forkdec.sample_with_logprobs(x, u, None, 1.0, None, 0, None, 1.0, None, 0.0, None, 11)
+
+
+_COMPILE_SCRIPT = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import forkdec.triton_kernels.sampling as k
+
+for dtype in ("fp32", "bf16", "fp16"):
+    sample = {"x_ptr": "*" + dtype, "row_ids_ptr": "*i64", "u_ptr": "*fp32", "t_ptr": "*fp32", "k_ptr": "*i64",
+              "p_ptr": "*fp32", "min_p_ptr": "*fp32", "out_ptr": "*i64", "vocab": "i32", "x_row_stride": "i32",
+              "BLOCK": "constexpr"}
+    signals = {"x_ptr": "*" + dtype, "row_ids_ptr": "*i64", "tokens_ptr": "*i64", "logprob_ptr": "*fp32",
+               "top_lp_ptr": "*fp32", "top_id_ptr": "*i64", "conf_ptr": "*fp32", "vocab": "i32",
+               "x_row_stride": "i32", "num_top": "i32", "BLOCK": "constexpr", "TOP": "constexpr"}
+    for arch in (80, 90):
+        options = {"num_warps": 8, **k.FLOAT_OPTIONS}
+        for fn, sig, const in ((k._sample_kernel, sample, {"BLOCK": 4096}),
+                               (k._signals_kernel, signals, {"BLOCK": 4096, "TOP": 32})):
+            c = triton.compile(ASTSource(fn, sig, constexprs=const), target=GPUTarget("cuda", arch, 32),
+                               options=options)
+            ptx = c.asm["ptx"]
+            assert "cubin" in c.asm
+            assert "div.full" not in ptx and "div.approx" not in ptx, "an approximate division"
+            assert "fma.rn.f32" not in ptx, "FMA contraction despite enable_fp_fusion=False"
+print("compiled")
+"""
+
+
+def test_triton_sampling_kernels_compile_for_sm80_and_sm90_with_exact_float_options():
+    """Triton's real compiler (to cubin, no GPU needed): the sampling and signals
+    kernels compile for sm_80 / sm_90, with IEEE division and no FMA contraction
+    (FLOAT_OPTIONS), so a GPU rounds as the interpreter and the CPU do (exp stays
+    the GPU's approximate one: tolerances in tests/specs/sampling.py)."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert run.returncode == 0 and "compiled" in run.stdout, run.stdout[-2000:] + run.stderr[-4000:]

@@ -23,6 +23,9 @@ import triton.language as tl
 
 KEY_BELOW_ALL = tl.constexpr(-(2**31) - 1)  # below every int32 key: count(key > it) is the row size
 SEARCH_STEPS = tl.constexpr(33)  # the interval (lo, hi] spans at most 2**32 + 1 keys
+# Compiler float options, set explicitly: no FMA contraction, so that a GPU
+# rounds each product and sum as the interpreter and the CPU kernels do.
+FLOAT_OPTIONS = {"enable_fp_fusion": False}
 
 
 @triton.jit
@@ -36,8 +39,9 @@ def _key(a):
 def _scaled(x_row, start, offs, vocab, inv_t):
     mask = start + offs < vocab
     x = tl.load(x_row + start + offs, mask=mask, other=float("-inf")).to(tl.float32)
-    # x * (1/t) would round differently from x / t, which the other backends use.
-    return x / inv_t + 0.0, mask
+    # x * (1/t) would round differently from x / t, which the other backends use; and
+    # on a GPU `/` is an approximate division: div_rn rounds as IEEE (and the CPU) do.
+    return tl.math.div_rn(x, inv_t) + 0.0, mask
 
 
 @triton.jit
@@ -154,4 +158,80 @@ def sample_rows(x: torch.Tensor, row_ids: torch.Tensor, uniforms: torch.Tensor, 
         return
     block = min(max(triton.next_power_of_2(vocab), 16), 4096)
     _sample_kernel[(out_rows,)](x, row_ids, uniforms, temperature, top_k, top_p, min_p, tokens, vocab,
-                                x.stride(0), BLOCK=block, num_warps=8 if block >= 2048 else 4)
+                                x.stride(0), BLOCK=block, num_warps=8 if block >= 2048 else 4, **FLOAT_OPTIONS)
+
+
+# ---- per-token signals: the log-sum-exp and the top-k logprobs of each row ------------------
+
+KEY_MIN = tl.constexpr(-(2**63))  # below every (value, index) key: an empty slot
+KEY_MAX = tl.constexpr(2**63 - 1)  # a slot past k: never the worst, never returned
+
+
+@triton.jit
+def _signals_kernel(x_ptr, row_ids_ptr, tokens_ptr, logprob_ptr, top_lp_ptr, top_id_ptr, conf_ptr, vocab,
+                    x_row_stride, num_top, BLOCK: tl.constexpr, TOP: tl.constexpr):
+    r = tl.program_id(0)
+    row = tl.load(row_ids_ptr + r)
+    x_row = x_ptr + row * x_row_stride
+    offs = tl.arange(0, BLOCK)
+    slots = tl.arange(0, TOP)
+    # (value, index) as one int64 key, larger = better: value descending, then
+    # index ascending. Keys are unique, so the top k is a set of k keys.
+    best = tl.where(slots < num_top, KEY_MIN, KEY_MAX).to(tl.int64)
+    m = -3.4028234663852886e38  # -FLT_MAX, not -inf: m - m stays 0 on a row of -inf
+    s = 0.0
+    for start in range(0, vocab, BLOCK):
+        index = start + offs
+        mask = index < vocab
+        a = tl.load(x_row + index, mask=mask, other=float("-inf")).to(tl.float32) + 0.0
+        top = tl.maximum(m, tl.max(a, axis=0))
+        s = s * tl.exp(m - top) + tl.sum(tl.exp(a - top), axis=0)
+        m = top
+        if num_top > 0:
+            keys = tl.where(mask, (_key(a) << 32) | (0xFFFFFFFF - index.to(tl.int64)), KEY_MIN)
+            worst = tl.min(best, axis=0)
+            candidate = tl.max(keys, axis=0)
+            while candidate > worst:  # rare once the k best have been seen
+                slot = tl.min(tl.where(best == worst, slots, TOP), axis=0)
+                best = tl.where(slots == slot, candidate, best)
+                keys = tl.where(keys == candidate, KEY_MIN, keys)
+                worst = tl.min(best, axis=0)
+                candidate = tl.max(keys, axis=0)
+    lse = m + tl.log(s)
+    token = tl.load(tokens_ptr + r)
+    tl.store(logprob_ptr + r, tl.load(x_row + token).to(tl.float32) - lse)
+    if num_top > 0:
+        best = tl.where(slots < num_top, best, KEY_MIN)
+        total = 0.0
+        for j in range(num_top):  # the k keys in order, largest first
+            key = tl.max(best, axis=0)
+            best = tl.where(best == key, KEY_MIN, best)
+            index = 0xFFFFFFFF - (key & 0xFFFFFFFF)
+            lp = tl.load(x_row + index).to(tl.float32) + 0.0 - lse
+            tl.store(top_lp_ptr + r * num_top + j, lp)
+            tl.store(top_id_ptr + r * num_top + j, index)
+            total += lp
+        tl.store(conf_ptr + r, tl.math.div_rn(-total, num_top.to(tl.float32)))
+
+
+def token_signals(x: torch.Tensor, row_ids: torch.Tensor, tokens: torch.Tensor, num_top: int, logprobs: torch.Tensor,
+                  top_logprobs: torch.Tensor, top_ids: torch.Tensor, confidence: torch.Tensor) -> None:
+    """Writes, for output r (row x[row_ids[r]], drawn token tokens[r]): logprobs[r] =
+    log softmax(x[row])[tokens[r]] (temperature 1, unfiltered); top_logprobs[r]
+    and top_ids[r] [num_top]: the largest logprobs, descending, ties by lower id;
+    confidence[r] = -mean(top_logprobs[r]) (untouched when num_top = 0).
+
+    x: [B, V] fp32/fp16/bf16, unit column stride, V < 2**32. One read of the
+    row per output beyond sampling's (a streaming log-sum-exp and a k-slot
+    selection kept in registers).
+    """
+    out_rows = tokens.numel()
+    vocab = x.shape[1]
+    assert vocab <= 1 or x.stride(1) == 1, "x needs unit column stride"
+    if out_rows == 0:
+        return
+    block = min(max(triton.next_power_of_2(vocab), 16), 4096)
+    top = max(triton.next_power_of_2(max(num_top, 1)), 2)
+    _signals_kernel[(out_rows,)](x, row_ids, tokens, logprobs, top_logprobs, top_ids, confidence, vocab,
+                                 x.stride(0), num_top, BLOCK=block, TOP=top, num_warps=8 if block >= 2048 else 4,
+                                 **FLOAT_OPTIONS)

@@ -16,8 +16,19 @@
 //    survivors' weights, comparing masses instead of ranks): expected linear.
 //  * the draw is an inverse CDF in index order over block sums (one per 64
 //    weights, accumulated in double), so many draws from one row cost one walk.
+//  * the signals (row_signals: the log-sum-exp of the raw logits and their k
+//    largest values) are one more streaming pass: per chunk of 8 vectors a
+//    lane-wise max, one rescale of the running sums, one exp per logit, and
+//    the same threshold selection as top-k.
 // Every path computes exp with the same operations (an FMA polynomial), so the
 // scalar, AVX2 and AVX-512 paths return identical tokens.
+//
+// Like xquant.cpp, the file has two parts: this #ifndef branch (scalar code,
+// filters, the draw, the public API) includes the #else branch (the vector
+// kernels, written once with GCC vector types) into itself once per
+// instruction set, each pass compiled with that set's target attribute.
+#ifndef FORKDEC_SAMPLING_KERNEL_PASS
+
 #include "cpu/sampling.h"
 #include "cpu/scalar_types.h"
 
@@ -39,6 +50,9 @@ struct SampleWorkspace::Impl {
   std::vector<float> pivots;      // top-p search buffer
   std::vector<double> blocks;     // block sums of the weights
   std::vector<int64_t> order;     // draws sorted by target
+  std::vector<int64_t> signal_index;  // row_signals' top-k candidates
+  std::vector<float> signal_value;
+  std::vector<int64_t> signal_order;
 };
 
 SampleWorkspace::SampleWorkspace() : impl_(new Impl) {}
@@ -75,45 +89,49 @@ inline float exp_nonpositive(float x) {
 
 // ---- top-k: streaming threshold selection ----------------------------------------------
 
+// Candidates: ids in index order and their values, in the caller's buffers.
 class TopK {
  public:
-  TopK(int64_t k, SampleWorkspace::Impl& ws) : k_(k), cap_(2 * k + 256), ws_(ws) {
-    ws_.index.clear();
-    ws_.value.clear();
-    ws_.index.reserve(cap_);
-    ws_.value.reserve(cap_);
+  TopK(int64_t k, std::vector<int64_t>& index, std::vector<float>& value, std::vector<float>& scratch)
+      : k_(k), cap_(2 * k + 256), index_(index), value_(value), scratch_(scratch) {
+    index_.clear();
+    value_.clear();
+    index_.reserve(cap_);
+    value_.reserve(cap_);
   }
   // Values below this cannot be among the k largest. -FLT_MAX at first, so
   // that -inf (weight 0, never drawn) and NaN never enter.
   float threshold() const { return threshold_; }
   void push(int64_t i, float a) {
-    ws_.index.push_back(i);
-    ws_.value.push_back(a);
-    if (static_cast<int64_t>(ws_.value.size()) >= cap_) shrink();
+    index_.push_back(i);
+    value_.push_back(a);
+    if (static_cast<int64_t>(value_.size()) >= cap_) shrink();
   }
   // Cuts the buffer to the values >= the k-th largest (ties kept), in index order.
   void shrink() {
-    const int64_t size = static_cast<int64_t>(ws_.value.size());
+    const int64_t size = static_cast<int64_t>(value_.size());
     if (size <= k_) return;
-    ws_.scratch.assign(ws_.value.begin(), ws_.value.end());
-    std::nth_element(ws_.scratch.begin(), ws_.scratch.begin() + (k_ - 1), ws_.scratch.end(), std::greater<float>());
-    threshold_ = ws_.scratch[k_ - 1];
+    scratch_.assign(value_.begin(), value_.end());
+    std::nth_element(scratch_.begin(), scratch_.begin() + (k_ - 1), scratch_.end(), std::greater<float>());
+    threshold_ = scratch_[k_ - 1];
     int64_t kept = 0;
     for (int64_t j = 0; j < size; ++j) {
-      if (ws_.value[j] >= threshold_) {
-        ws_.value[kept] = ws_.value[j];
-        ws_.index[kept] = ws_.index[j];
+      if (value_[j] >= threshold_) {
+        value_[kept] = value_[j];
+        index_[kept] = index_[j];
         ++kept;
       }
     }
-    ws_.value.resize(kept);
-    ws_.index.resize(kept);
+    value_.resize(kept);
+    index_.resize(kept);
     if (kept * 2 > cap_) cap_ *= 2;  // many ties at the threshold: make room
   }
 
  private:
   int64_t k_, cap_;
-  SampleWorkspace::Impl& ws_;
+  std::vector<int64_t>& index_;
+  std::vector<float>& value_;
+  std::vector<float>& scratch_;
   float threshold_ = -FLT_MAX;
 };
 
@@ -140,156 +158,50 @@ void exp_row_scalar(float* w, int64_t n, float top) {
   for (int64_t i = 0; i < n; ++i) w[i] = exp_nonpositive(w[i] - top);
 }
 
+// The signals pass over x[begin..end): the running (max m, sum s of exp(x - m))
+// updated per element, and the raw logits offered to sel (when given).
+template <class T>
+void signals_scalar(const T* x, int64_t begin, int64_t end, TopK* sel, float& m, float& s) {
+  for (int64_t i = begin; i < end; ++i) {
+    const float a = to_float(x[i]) + 0.0f;
+    if (a > m) {
+      s = s * exp_nonpositive(m - a) + 1.0f;
+      m = a;
+    } else {
+      s += exp_nonpositive(a - m);
+    }
+    if (sel && a >= sel->threshold()) sel->push(i, a);
+  }
+}
+
+}  // namespace
+}  // namespace forkdec::cpu
+
+// ---- the vector kernels, once per instruction set ------------------------------------------
+
 #if defined(__x86_64__)
+#define FORKDEC_SAMPLING_KERNEL_PASS 1
+#define SK_NS avx2
+#define SK_TARGET __attribute__((target("avx2,fma,f16c")))
+#define SK_VBYTES 32
+#include "sampling.cpp"
+#undef SK_NS
+#undef SK_TARGET
+#undef SK_VBYTES
 
-#define FORKDEC_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
-#define FORKDEC_AVX2 __attribute__((target("avx2,fma,f16c")))
-
-namespace avx512 {
-
-FORKDEC_AVX512 inline __m512 load(const float* p) { return _mm512_loadu_ps(p); }
-FORKDEC_AVX512 inline __m512 load(const Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-FORKDEC_AVX512 inline __m512 load(const BFloat* p) {
-  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
-}
-
-FORKDEC_AVX512 inline __m512 scaled(__m512 v, __m512 t, bool divide) {
-  return _mm512_add_ps(divide ? _mm512_div_ps(v, t) : v, _mm512_setzero_ps());
-}
-
-template <class T>
-FORKDEC_AVX512 void scan(const T* x, int64_t n, float t, bool divide, TopK& sel) {
-  const __m512 tv = _mm512_set1_ps(t);
-  alignas(64) float lanes[16];
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    const __m512 a = scaled(load(x + i), tv, divide);
-    __mmask16 hit = _mm512_cmp_ps_mask(a, _mm512_set1_ps(sel.threshold()), _CMP_GE_OQ);
-    if (hit) {  // rare once the threshold has risen
-      _mm512_store_ps(lanes, a);
-      for (; hit; hit &= hit - 1) {
-        const int lane = __builtin_ctz(hit);
-        if (lanes[lane] >= sel.threshold()) sel.push(i + lane, lanes[lane]);
-      }
-    }
-  }
-  scan_scalar(x, i, n, t, divide, sel);
-}
-
-template <class T>
-FORKDEC_AVX512 float scale_row(const T* x, int64_t n, float t, float* out) {
-  const __m512 tv = _mm512_set1_ps(t);
-  __m512 top = _mm512_set1_ps(-kInf);
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    const __m512 a = scaled(load(x + i), tv, true);
-    _mm512_storeu_ps(out + i, a);
-    top = _mm512_max_ps(a, top);  // NaN in a loses to top
-  }
-  return std::fmax(_mm512_reduce_max_ps(top), scale_row_scalar(x + i, n - i, t, out + i));
-}
-
-FORKDEC_AVX512 void exp_row(float* w, int64_t n, float top) {
-  const __m512 topv = _mm512_set1_ps(top);
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    const __m512 x = _mm512_sub_ps(_mm512_loadu_ps(w + i), topv);
-    const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(kExpFloor), _CMP_GE_OQ);
-    const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-    const __m512 n_ = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)),
-                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n_, _mm512_set1_ps(kLn2Hi), x);
-    r = _mm512_fnmadd_ps(n_, _mm512_set1_ps(kLn2Lo), r);
-    __m512 p = _mm512_set1_ps(kExpC[6]);
-    for (int k = 5; k >= 0; --k) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC[k]));
-    const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n_), _mm512_set1_epi32(127)), 23);
-    __m512 e = _mm512_maskz_mul_ps(live, p, _mm512_castsi512_ps(bits));
-    e = _mm512_mask_mov_ps(e, nan, x);
-    _mm512_storeu_ps(w + i, e);
-  }
-  exp_row_scalar(w + i, n - i, top);
-}
-
-}  // namespace avx512
-
-namespace avx2 {
-
-FORKDEC_AVX2 inline __m256 load(const float* p) { return _mm256_loadu_ps(p); }
-FORKDEC_AVX2 inline __m256 load(const Half* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-FORKDEC_AVX2 inline __m256 load(const BFloat* p) {
-  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
-}
-
-FORKDEC_AVX2 inline __m256 scaled(__m256 v, __m256 t, bool divide) {
-  return _mm256_add_ps(divide ? _mm256_div_ps(v, t) : v, _mm256_setzero_ps());
-}
-
-template <class T>
-FORKDEC_AVX2 void scan(const T* x, int64_t n, float t, bool divide, TopK& sel) {
-  const __m256 tv = _mm256_set1_ps(t);
-  alignas(32) float lanes[8];
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m256 a = scaled(load(x + i), tv, divide);
-    int hit = _mm256_movemask_ps(_mm256_cmp_ps(a, _mm256_set1_ps(sel.threshold()), _CMP_GE_OQ));
-    if (hit) {
-      _mm256_store_ps(lanes, a);
-      for (; hit; hit &= hit - 1) {
-        const int lane = __builtin_ctz(hit);
-        if (lanes[lane] >= sel.threshold()) sel.push(i + lane, lanes[lane]);
-      }
-    }
-  }
-  scan_scalar(x, i, n, t, divide, sel);
-}
-
-template <class T>
-FORKDEC_AVX2 float scale_row(const T* x, int64_t n, float t, float* out) {
-  const __m256 tv = _mm256_set1_ps(t);
-  __m256 top = _mm256_set1_ps(-kInf);
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m256 a = scaled(load(x + i), tv, true);
-    _mm256_storeu_ps(out + i, a);
-    top = _mm256_max_ps(a, top);
-  }
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, top);
-  float result = scale_row_scalar(x + i, n - i, t, out + i);
-  for (float v : lanes) result = std::fmax(result, v);
-  return result;
-}
-
-FORKDEC_AVX2 void exp_row(float* w, int64_t n, float top) {
-  const __m256 topv = _mm256_set1_ps(top);
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m256 x = _mm256_sub_ps(_mm256_loadu_ps(w + i), topv);
-    const __m256 live = _mm256_cmp_ps(x, _mm256_set1_ps(kExpFloor), _CMP_GE_OQ);
-    const __m256 nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
-    const __m256 n_ = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)),
-                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n_, _mm256_set1_ps(kLn2Hi), x);
-    r = _mm256_fnmadd_ps(n_, _mm256_set1_ps(kLn2Lo), r);
-    __m256 p = _mm256_set1_ps(kExpC[6]);
-    for (int k = 5; k >= 0; --k) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpC[k]));
-    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n_), _mm256_set1_epi32(127)), 23);
-    __m256 e = _mm256_and_ps(live, _mm256_mul_ps(p, _mm256_castsi256_ps(bits)));
-    e = _mm256_blendv_ps(e, x, nan);
-    _mm256_storeu_ps(w + i, e);
-  }
-  exp_row_scalar(w + i, n - i, top);
-}
-
-}  // namespace avx2
-
+#define SK_NS avx512
+#define SK_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+#define SK_VBYTES 64
+#include "sampling.cpp"
+#undef SK_NS
+#undef SK_TARGET
+#undef SK_VBYTES
+#undef FORKDEC_SAMPLING_KERNEL_PASS
 #endif  // __x86_64__
+
+namespace forkdec::cpu {
+namespace {
+
 
 // ---- dispatch on instruction set and element type ---------------------------------------
 
@@ -326,6 +238,21 @@ void exp_row(float* w, int64_t n, float top) {
   }
 #endif
   exp_row_scalar(w, n, top);
+}
+
+template <class T>
+void signals(const T* x, int64_t n, TopK* sel, float& m, double& s) {
+#if defined(__x86_64__)
+  switch (current_isa()) {
+    case Isa::avx512: return avx512::signals(x, n, sel, m, s);
+    case Isa::avx2: return avx2::signals(x, n, sel, m, s);
+    default: break;
+  }
+#endif
+  float sum = 0.0f;
+  m = -FLT_MAX;
+  signals_scalar(x, 0, n, sel, m, sum);
+  s = sum;
 }
 
 template <class F>
@@ -446,7 +373,7 @@ bool draw(const float* w, int64_t n, const int64_t* map, const float* uniforms, 
 template <class T>
 bool sample_top_k(const T* x, int64_t vocab, const SampleParams& p, bool greedy, const float* uniforms, int64_t n,
                   int64_t* tokens, SampleWorkspace::Impl& ws) {
-  TopK sel(greedy ? 1 : p.top_k, ws);
+  TopK sel(greedy ? 1 : p.top_k, ws.index, ws.value, ws.scratch);
   scan(x, vocab, p.temperature, !greedy, sel);
   sel.shrink();
   const int64_t count = static_cast<int64_t>(ws.value.size());
@@ -492,4 +419,197 @@ bool sample_row(const void* x, DType dtype, int64_t vocab, const SampleParams& p
   });
 }
 
+void row_signals(const void* x, DType dtype, int64_t vocab, int64_t k, float* lse, float* top_values,
+                 int64_t* top_ids, SampleWorkspace& workspace) {
+  SampleWorkspace::Impl& ws = workspace.impl();
+  k = std::clamp<int64_t>(k, 0, std::max<int64_t>(vocab, 0));
+  if (vocab <= 0) {
+    *lse = -kInf;
+    return;
+  }
+  TopK sel(std::max<int64_t>(k, 1), ws.signal_index, ws.signal_value, ws.scratch);
+  float m = -FLT_MAX;
+  double s = 0;
+  with_type(x, dtype, [&](auto* row) { signals(row, vocab, k > 0 ? &sel : nullptr, m, s); });
+  *lse = static_cast<float>(static_cast<double>(m) + std::log(s));
+  if (k == 0) return;
+  sel.shrink();
+  // The candidates are in index order: a stable sort by value gives ties by lower index.
+  const int64_t count = static_cast<int64_t>(ws.signal_value.size());
+  ws.signal_order.resize(count);
+  std::iota(ws.signal_order.begin(), ws.signal_order.end(), int64_t{0});
+  std::stable_sort(ws.signal_order.begin(), ws.signal_order.end(),
+                   [&](int64_t a, int64_t b) { return ws.signal_value[a] > ws.signal_value[b]; });
+  int64_t filled = std::min(k, count);
+  for (int64_t j = 0; j < filled; ++j) {
+    top_values[j] = ws.signal_value[ws.signal_order[j]];
+    top_ids[j] = ws.signal_index[ws.signal_order[j]];
+  }
+  // Fewer than k values above -inf: the -inf logits follow, in index order.
+  with_type(x, dtype, [&](auto* row) {
+    for (int64_t i = 0; i < vocab && filled < k; ++i) {
+      if (to_float(row[i]) == -kInf) {
+        top_values[filled] = -kInf;
+        top_ids[filled++] = i;
+      }
+    }
+  });
+  for (; filled < k; ++filled) {  // NaN logits (the caller's to reject): a defined, in-range filler
+    top_values[filled] = std::numeric_limits<float>::quiet_NaN();
+    top_ids[filled] = 0;
+  }
+}
+
 }  // namespace forkdec::cpu
+
+#else  // FORKDEC_SAMPLING_KERNEL_PASS: the vector kernels of one instruction set
+
+namespace forkdec::cpu {
+namespace {
+namespace SK_NS {
+
+constexpr int L = SK_VBYTES / 4;  // floats per vector
+typedef float V __attribute__((vector_size(SK_VBYTES)));
+typedef int32_t VI __attribute__((vector_size(SK_VBYTES)));
+typedef uint16_t VH __attribute__((vector_size(SK_VBYTES / 2)));
+
+#define SK_INLINE SK_TARGET inline __attribute__((always_inline))
+
+// The few operations GCC's vector extensions do not spell: fp16 loads, FMA,
+// rounding to the nearest integer and the lane mask of a comparison.
+#if SK_VBYTES == 64
+SK_INLINE V vload(const Half* p) { return (V)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+SK_INLINE V vfma(V a, V b, V c) { return (V)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c); }
+SK_INLINE V vround(V x) { return (V)_mm512_roundscale_ps((__m512)x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+SK_INLINE uint32_t ge_bits(V a, float t) {
+  return _mm512_cmp_ps_mask((__m512)a, _mm512_set1_ps(t), _CMP_GE_OQ);
+}
+#else
+SK_INLINE V vload(const Half* p) { return (V)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+SK_INLINE V vfma(V a, V b, V c) { return (V)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c); }
+SK_INLINE V vround(V x) { return (V)_mm256_round_ps((__m256)x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+SK_INLINE uint32_t ge_bits(V a, float t) {
+  return static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps((__m256)a, _mm256_set1_ps(t), _CMP_GE_OQ)));
+}
+#endif
+
+SK_INLINE V vset(float x) { return x - V{}; }  // x - 0 is x for every x, -0 included
+SK_INLINE V vload(const float* p) {
+  V v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+SK_INLINE V vload(const BFloat* p) {
+  VH h;
+  std::memcpy(&h, p, sizeof h);
+  return (V)(__builtin_convertvector(h, VI) << 16);
+}
+SK_INLINE void vstore(float* p, V v) { std::memcpy(p, &v, sizeof v); }
+SK_INLINE V vmax(V a, V b) { return a > b ? a : b; }  // NaN in a loses to b
+SK_INLINE float hmax(V v) {
+  float result = -kInf;
+  for (int l = 0; l < L; ++l) result = std::fmax(result, v[l]);
+  return result;
+}
+
+// exp_nonpositive, lane by lane, with the same operations.
+SK_INLINE V vexp_nonpositive(V x) {
+  const V floor = vset(kExpFloor);
+  const V live = x >= floor ? x : floor;
+  const V n = vround(live * kLog2e);
+  V r = vfma(-n, vset(kLn2Hi), live);
+  r = vfma(-n, vset(kLn2Lo), r);
+  V p = vset(kExpC[6]);
+  for (int k = 5; k >= 0; --k) p = vfma(p, r, vset(kExpC[k]));
+  const VI bits = (__builtin_convertvector(n, VI) + 127) << 23;
+  const V e = x >= floor ? p * (V)bits : V{};
+  return x != x ? x : e;  // NaN stays NaN
+}
+
+// Offers the lanes of a (at indices at..at+L) that reach the selection's threshold.
+SK_INLINE void offer(V a, int64_t at, TopK& sel) {
+  uint32_t hit = ge_bits(a, sel.threshold());
+  if (!hit) return;  // rare once the threshold has risen
+  float lanes[L];
+  std::memcpy(lanes, &a, sizeof a);
+  for (; hit; hit &= hit - 1) {
+    const int lane = __builtin_ctz(hit);
+    if (lanes[lane] >= sel.threshold()) sel.push(at + lane, lanes[lane]);
+  }
+}
+
+SK_INLINE V scaled(V v, V t, bool divide) { return (divide ? v / t : v) + 0.0f; }
+
+template <class T>
+SK_TARGET void scan(const T* x, int64_t n, float t, bool divide, TopK& sel) {
+  const V tv = vset(t);
+  int64_t i = 0;
+  for (; i + L <= n; i += L) offer(scaled(vload(x + i), tv, divide), i, sel);
+  scan_scalar(x, i, n, t, divide, sel);
+}
+
+template <class T>
+SK_TARGET float scale_row(const T* x, int64_t n, float t, float* out) {
+  const V tv = vset(t);
+  V top = vset(-kInf);
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
+    const V a = scaled(vload(x + i), tv, true);
+    vstore(out + i, a);
+    top = vmax(a, top);
+  }
+  return std::fmax(hmax(top), scale_row_scalar(x + i, n - i, t, out + i));
+}
+
+SK_TARGET void exp_row(float* w, int64_t n, float top) {
+  const V topv = vset(top);
+  int64_t i = 0;
+  for (; i + L <= n; i += L) vstore(w + i, vexp_nonpositive(vload(w + i) - topv));
+  exp_row_scalar(w + i, n - i, top);
+}
+
+// The signals pass: on return sum_i exp(x_i - m) = s (m the row max, or
+// -FLT_MAX for a row of only -inf), and sel (when given) has seen every x_i.
+// Per chunk of C vectors: a lane-wise max, one rescale of the lane sums, then
+// one exp per logit; the chunk stays in registers, the row is read once.
+template <class T>
+SK_TARGET void signals(const T* x, int64_t n, TopK* sel, float& m_out, double& s_out) {
+  constexpr int C = 8;
+  V m = vset(-FLT_MAX), s = V{};
+  int64_t i = 0;
+  for (; i + C * L <= n; i += C * L) {
+    V v[C];
+    for (int j = 0; j < C; ++j) v[j] = vload(x + i + j * L) + 0.0f;
+    V top = m;
+    for (int j = 0; j < C; ++j) top = vmax(v[j], top);
+    s *= vexp_nonpositive(m - top);
+    for (int j = 0; j < C; ++j) s += vexp_nonpositive(v[j] - top);
+    m = top;
+    if (sel) {
+      for (int j = 0; j < C; ++j) offer(v[j], i + j * L, *sel);
+    }
+  }
+  for (; i + L <= n; i += L) {
+    const V v = vload(x + i) + 0.0f;
+    const V top = vmax(v, m);
+    s = s * vexp_nonpositive(m - top) + vexp_nonpositive(v - top);
+    m = top;
+    if (sel) offer(v, i, *sel);
+  }
+  float tail_m = -FLT_MAX, tail_s = 0.0f;
+  signals_scalar(x, i, n, sel, tail_m, tail_s);
+  float top = tail_m;
+  for (int l = 0; l < L; ++l) top = std::fmax(top, m[l]);
+  double total = static_cast<double>(tail_s) * std::exp(static_cast<double>(tail_m) - top);
+  for (int l = 0; l < L; ++l) total += static_cast<double>(s[l]) * std::exp(static_cast<double>(m[l]) - top);
+  m_out = top;
+  s_out = total;
+}
+
+#undef SK_INLINE
+
+}  // namespace SK_NS
+}  // namespace
+}  // namespace forkdec::cpu
+
+#endif  // FORKDEC_SAMPLING_KERNEL_PASS

@@ -50,4 +50,13 @@ class SampleWorkspace {
 bool sample_row(const void* x, DType dtype, int64_t vocab, const SampleParams& params, const float* uniforms,
                 int64_t n, int64_t* tokens, SampleWorkspace& workspace);
 
+// The signals of one row x[0..vocab) under its unfiltered temperature-1
+// distribution, in one pass: *lse = log sum_i exp(x_i) (fp32, summed in
+// double across lanes) and, for 0 < k <= vocab, the k largest x in
+// top_values[0..k) with their ids in top_ids, by value descending, ties by
+// lower index (-inf logits fill in after the finite ones). The log-probability
+// of token i is x_i - *lse. k = 0: only *lse.
+void row_signals(const void* x, DType dtype, int64_t vocab, int64_t k, float* lse, float* top_values,
+                 int64_t* top_ids, SampleWorkspace& workspace);
+
 }  // namespace forkdec::cpu

@@ -1,19 +1,22 @@
-// torch.ops.forkdec.sample on CPU tensors: argument checks, grouping of the
-// outputs that share a row and parameters (filtered once, drawn many times:
-// n paths forked from one prompt), and the split of the groups across threads.
-// The arithmetic lives in the torch-free sampling.cpp.
+// torch.ops.forkdec.sample and sample_with_logprobs on CPU tensors: argument
+// checks, grouping of the outputs that share a row and parameters (filtered
+// once, drawn many times: n paths forked from one prompt; their signals are
+// computed once too), and the split of the groups across threads. The
+// arithmetic lives in the torch-free sampling.cpp.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <numeric>
 #include <optional>
 #include <tuple>
 #include <vector>
 
 #include "cpu/sampling.h"
+#include "cpu/scalar_types.h"
 
 namespace forkdec::cpu {
 namespace {
@@ -25,6 +28,14 @@ DType dtype_of(const at::Tensor& x) {
   return type == at::kHalf ? DType::f16 : type == at::kBFloat16 ? DType::bf16 : DType::f32;
 }
 
+float logit_at(const void* row, DType dtype, int64_t i) {
+  switch (dtype) {
+    case DType::f16: return to_float(static_cast<const Half*>(row)[i]);
+    case DType::bf16: return to_float(static_cast<const BFloat*>(row)[i]);
+    default: return static_cast<const float*>(row)[i];
+  }
+}
+
 // A per-output-row tensor (contiguous, the wanted dtype), or undefined.
 at::Tensor per_row(const std::optional<at::Tensor>& t, const char* name, int64_t outputs, at::ScalarType type) {
   if (!t.has_value()) return at::Tensor();
@@ -34,11 +45,20 @@ at::Tensor per_row(const std::optional<at::Tensor>& t, const char* name, int64_t
   return t->to(type).contiguous();
 }
 
-at::Tensor sample_cpu(const at::Tensor& logits, const at::Tensor& uniforms, const std::optional<at::Tensor>& row_ids,
-                      double temperature, const std::optional<at::Tensor>& row_temperature, int64_t top_k,
-                      const std::optional<at::Tensor>& row_top_k, double top_p,
-                      const std::optional<at::Tensor>& row_top_p, double min_p,
-                      const std::optional<at::Tensor>& row_min_p) {
+// The per-output signals of sample_with_logprobs (undefined tensors: not asked).
+struct Signals {
+  at::Tensor logprobs;      // fp32 [R]
+  at::Tensor top_logprobs;  // fp32 [R, k]
+  at::Tensor top_ids;       // int64 [R, k]
+  at::Tensor confidence;    // fp32 [R]
+  int64_t k = 0;
+};
+
+at::Tensor sample_impl(const at::Tensor& logits, const at::Tensor& uniforms, const std::optional<at::Tensor>& row_ids,
+                       double temperature, const std::optional<at::Tensor>& row_temperature, int64_t top_k,
+                       const std::optional<at::Tensor>& row_top_k, double top_p,
+                       const std::optional<at::Tensor>& row_top_p, double min_p,
+                       const std::optional<at::Tensor>& row_min_p, Signals* signals) {
   const DType dtype = dtype_of(logits);
   TORCH_CHECK_VALUE(logits.dim() == 2, "logits: expected [batch, vocab], got ", logits.sizes());
   const int64_t rows = logits.size(0), vocab = logits.size(1);
@@ -56,6 +76,14 @@ at::Tensor sample_cpu(const at::Tensor& logits, const at::Tensor& uniforms, cons
   const at::Tensor top_ps = per_row(row_top_p, "top_p", outputs, at::kFloat);
   const at::Tensor min_ps = per_row(row_min_p, "min_p", outputs, at::kFloat);
   at::Tensor tokens = at::empty({outputs}, logits.options().dtype(at::kLong));
+  if (signals) {
+    TORCH_CHECK_VALUE(signals->k >= 0 && (signals->k <= vocab || outputs == 0), "num_top: must be in [0, vocab = ",
+                      vocab, "], got ", signals->k);
+    signals->logprobs = at::empty({outputs}, logits.options().dtype(at::kFloat));
+    signals->top_logprobs = at::empty({outputs, signals->k}, logits.options().dtype(at::kFloat));
+    signals->top_ids = at::empty({outputs, signals->k}, logits.options().dtype(at::kLong));
+    signals->confidence = at::full({outputs}, signals->k ? 0.0 : NAN, logits.options().dtype(at::kFloat));
+  }
   if (outputs == 0) return tokens;
   TORCH_CHECK_VALUE(vocab > 0, "logits: has an empty vocabulary (V = 0)");
 
@@ -99,6 +127,11 @@ at::Tensor sample_cpu(const at::Tensor& logits, const at::Tensor& uniforms, cons
   const float* u = uniforms.const_data_ptr<float>();
   int64_t* out = tokens.mutable_data_ptr<int64_t>();
   const int64_t element_size = x.element_size();
+  const int64_t num_top = signals ? signals->k : 0;
+  float* logprob_out = signals ? signals->logprobs.mutable_data_ptr<float>() : nullptr;
+  float* top_lp_out = signals ? signals->top_logprobs.mutable_data_ptr<float>() : nullptr;
+  int64_t* top_id_out = signals ? signals->top_ids.mutable_data_ptr<int64_t>() : nullptr;
+  float* confidence_out = signals ? signals->confidence.mutable_data_ptr<float>() : nullptr;
   std::atomic<int64_t> failed{-1};
   // Groups of short rows are batched per task so that small problems stay on one thread.
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / vocab);
@@ -106,6 +139,8 @@ at::Tensor sample_cpu(const at::Tensor& logits, const at::Tensor& uniforms, cons
     thread_local SampleWorkspace workspace;
     std::vector<float> group_u;
     std::vector<int64_t> group_tokens;
+    std::vector<float> top_values(num_top);
+    std::vector<int64_t> top_ids(num_top);
     for (int64_t g = first; g < last; ++g) {
       const int64_t begin = group_begin[g], n = group_begin[g + 1] - begin;
       const int64_t r0 = order[begin];
@@ -119,6 +154,20 @@ at::Tensor sample_cpu(const at::Tensor& logits, const at::Tensor& uniforms, cons
         continue;
       }
       for (int64_t j = 0; j < n; ++j) out[order[begin + j]] = group_tokens[j];
+      if (!signals) continue;
+      float lse = 0;
+      row_signals(data, dtype, vocab, num_top, &lse, top_values.data(), top_ids.data(), workspace);
+      double top_sum = 0;  // confidence = -(1/k) sum of the top-k logprobs
+      for (int64_t i = 0; i < num_top; ++i) top_sum += static_cast<double>(top_values[i]) - lse;
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t r = order[begin + j];
+        logprob_out[r] = logit_at(data, dtype, group_tokens[j]) - lse;
+        for (int64_t i = 0; i < num_top; ++i) {
+          top_lp_out[r * num_top + i] = top_values[i] - lse;
+          top_id_out[r * num_top + i] = top_ids[i];
+        }
+        if (num_top) confidence_out[r] = static_cast<float>(-top_sum / static_cast<double>(num_top));
+      }
     }
   });
   TORCH_CHECK_VALUE(failed.load() < 0, "logits: row ", failed.load(),
@@ -127,7 +176,31 @@ at::Tensor sample_cpu(const at::Tensor& logits, const at::Tensor& uniforms, cons
   return tokens;
 }
 
+at::Tensor sample_cpu(const at::Tensor& logits, const at::Tensor& uniforms, const std::optional<at::Tensor>& row_ids,
+                      double temperature, const std::optional<at::Tensor>& row_temperature, int64_t top_k,
+                      const std::optional<at::Tensor>& row_top_k, double top_p,
+                      const std::optional<at::Tensor>& row_top_p, double min_p,
+                      const std::optional<at::Tensor>& row_min_p) {
+  return sample_impl(logits, uniforms, row_ids, temperature, row_temperature, top_k, row_top_k, top_p, row_top_p,
+                     min_p, row_min_p, nullptr);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_with_logprobs_cpu(
+    const at::Tensor& logits, const at::Tensor& uniforms, const std::optional<at::Tensor>& row_ids,
+    double temperature, const std::optional<at::Tensor>& row_temperature, int64_t top_k,
+    const std::optional<at::Tensor>& row_top_k, double top_p, const std::optional<at::Tensor>& row_top_p,
+    double min_p, const std::optional<at::Tensor>& row_min_p, int64_t num_top) {
+  Signals signals;
+  signals.k = num_top;
+  at::Tensor tokens = sample_impl(logits, uniforms, row_ids, temperature, row_temperature, top_k, row_top_k, top_p,
+                                  row_top_p, min_p, row_min_p, &signals);
+  return {tokens, signals.logprobs, signals.top_logprobs, signals.top_ids, signals.confidence};
+}
+
 }  // namespace
 }  // namespace forkdec::cpu
 
-TORCH_LIBRARY_IMPL(forkdec, CPU, m) { m.impl("sample", &forkdec::cpu::sample_cpu); }
+TORCH_LIBRARY_IMPL(forkdec, CPU, m) {
+  m.impl("sample", &forkdec::cpu::sample_cpu);
+  m.impl("sample_with_logprobs", &forkdec::cpu::sample_with_logprobs_cpu);
+}

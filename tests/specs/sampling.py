@@ -13,7 +13,7 @@ import torch
 
 import forkdec
 from forkdec import reference
-from forkdec.ops.sampling import BACKENDS, draw_uniforms
+from forkdec.ops.sampling import BACKENDS, SampleOutput, draw_uniforms
 from harness import SPECS, Case, OpSpec
 
 
@@ -108,3 +108,60 @@ def compare(out, ref, dtype):
 
 
 SPECS.append(OpSpec("sample", forkdec.ops.sample, sample_reference, BACKENDS, CASES, compare))
+
+
+# ---- sample_with_logprobs: the same tokens, plus per-token signals -------------------------------------
+
+def signals_reference(logits, *, seed, row_ids=None, top_logprobs=20, **filters):
+    """forkdec.reference.sample_with_logprobs on the uniforms the face draws for `seed`."""
+    rows = logits.shape[0] if row_ids is None else row_ids.numel()
+    num_top = 0 if top_logprobs is None else top_logprobs
+    out = reference.sample_with_logprobs(logits, draw_uniforms(rows, logits.device, seed=seed), num_top=num_top,
+                                         row_ids=row_ids, **filters)
+    return SampleOutput(*out[:4], out[4] if num_top else None)
+
+
+def _signals_case(id, shape, fill=_randn, top=20, triton=True, **kw):
+    case = _case(id, shape, fill=fill, triton=triton, **kw)
+
+    def make(dtype, g):
+        args, kwargs = case.make(dtype, g)
+        kwargs["top_logprobs"] = top(args[0]) if callable(top) else top
+        return args, kwargs
+    return Case(id, make, triton)
+
+
+SIGNAL_CASES = [
+    _signals_case("plain_3x17", (3, 17), top=5),
+    _signals_case("top_20_4x300", (4, 300)),
+    _signals_case("top_20_V4099", (2, 4099), triton=False),
+    _signals_case("greedy", (3, 50), temperature=0.0, top=3),
+    _signals_case("filtered", (3, 200), temperature=0.7, top_k=30, top_p=0.9, top=20),
+    _signals_case("ties", (5, 40), fill=_ties, top=7),  # ties in the top k: the lower id first
+    _signals_case("neg_inf_fill", (4, 50), fill=_with_neg_inf, top=40),  # fewer finite logits than k
+    _signals_case("k_is_vocab", (2, 9), top=9),
+    _signals_case("logprobs_only", (3, 33), top=None),
+    _signals_case("row_ids_fan_out", (3, 60), row_ids=_fan_out, top=4),
+    _signals_case("strided", (50, 3), view=lambda x: x.t(), top=6),
+    _signals_case("rows0", (0, 7), top=3),
+]
+
+# Logprobs: fp32 log-sum-exp, summed in a different order per backend (lanes,
+# blocks, double combine): 2e-5 absolute plus 1e-5 relative. Ids and tokens
+# exactly (ties broken by lower id on every backend).
+SIGNAL_ATOL, SIGNAL_RTOL = 2e-5, 1e-5
+
+
+def compare_signals(out, ref, dtype):
+    compare(out.tokens, ref.tokens, dtype)
+    torch.testing.assert_close(out.logprobs, ref.logprobs, atol=SIGNAL_ATOL, rtol=SIGNAL_RTOL, equal_nan=True)
+    assert out.top_ids.shape == ref.top_ids.shape and out.top_ids.dtype == torch.int64
+    assert torch.equal(out.top_ids, ref.top_ids), (out.top_ids.tolist(), ref.top_ids.tolist())
+    torch.testing.assert_close(out.top_logprobs, ref.top_logprobs, atol=SIGNAL_ATOL, rtol=SIGNAL_RTOL)
+    assert (out.confidence is None) == (ref.confidence is None)
+    if ref.confidence is not None:
+        torch.testing.assert_close(out.confidence, ref.confidence, atol=SIGNAL_ATOL, rtol=SIGNAL_RTOL)
+
+
+SPECS.append(OpSpec("sample_with_logprobs", forkdec.ops.sample_with_logprobs, signals_reference, BACKENDS,
+                    SIGNAL_CASES, compare_signals))

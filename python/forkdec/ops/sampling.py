@@ -9,7 +9,7 @@ backends agree on tokens up to rounding at the boundaries.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -62,6 +62,58 @@ def sample(logits: Tensor, *, temperature: Param = 1.0, top_k: int | Tensor = 0,
     if name == "triton":
         return torch.ops.forkdec.sample_triton(*args)
     return torch.ops.forkdec.sample(*args)
+
+
+class SampleOutput(NamedTuple):
+    """What `sample_with_logprobs` returns, one entry per output row r.
+
+    tokens int64 [R]; logprobs fp32 [R]: log softmax(logits[row])[token] under the
+    unfiltered temperature-1 distribution (whatever the sampling filters);
+    top_logprobs fp32 [R, k] and top_ids int64 [R, k]: the k largest logprobs of
+    the row, descending, ties by lower id; confidence fp32 [R]: DeepConf's token
+    confidence -(1/k) * sum(top_logprobs) (>= 0; higher = more peaked), or None
+    when top_logprobs was None (then the top tensors are [R, 0]).
+    """
+    tokens: Tensor
+    logprobs: Tensor
+    top_logprobs: Tensor
+    top_ids: Tensor
+    confidence: Tensor | None
+
+
+def sample_with_logprobs(logits: Tensor, *, top_logprobs: int | None = 20, temperature: Param = 1.0,
+                         top_k: int | Tensor = 0, top_p: Param = 1.0, min_p: Param = 0.0,
+                         generator: torch.Generator | None = None, seed: int | None = None,
+                         row_ids: Tensor | None = None, check_nan: bool = True,
+                         backend: str = "auto") -> SampleOutput:
+    """`sample`, fused with the per-token signals of the drawn tokens.
+
+    Same arguments and the same tokens as `sample` (same uniforms for the same
+    generator / seed), plus top_logprobs: k in 1..V (DeepConf uses 20), or None
+    for the token logprobs only. The kernels compute the signals in one pass
+    over each row beyond what sampling reads (a streaming log-sum-exp and top-k
+    selection), once per row for the outputs that share it.
+    """
+    if validation_enabled():
+        _validate(logits, temperature, top_k, top_p, min_p, generator, seed, row_ids, check_nan)
+        require(top_logprobs is None or (isinstance(top_logprobs, int) and not isinstance(top_logprobs, bool)),
+                "top_logprobs", f"expected an int or None, got {type(top_logprobs).__name__}")
+        vocab = logits.shape[1]
+        require(top_logprobs is None or 1 <= top_logprobs <= vocab, "top_logprobs",
+                f"must be in 1..vocab ({vocab}) or None, got {top_logprobs}")
+    num_top = 0 if top_logprobs is None else int(top_logprobs)
+    name = resolve(backend, "sample_with_logprobs", logits.device, BACKENDS)
+    out_rows = logits.shape[0] if row_ids is None else row_ids.numel()
+    uniforms = draw_uniforms(out_rows, logits.device, generator, seed)
+    if name == "reference":
+        result = reference.sample_with_logprobs(logits, uniforms, num_top=num_top, temperature=temperature,
+                                                top_k=top_k, top_p=top_p, min_p=min_p, row_ids=row_ids)
+    else:
+        args = _kernel_args(logits, uniforms, row_ids, temperature, top_k, top_p, min_p)
+        op = torch.ops.forkdec.sample_with_logprobs_triton if name == "triton" else torch.ops.forkdec.sample_with_logprobs
+        result = op(*args, num_top)
+    tokens, logprobs, top_lp, top_ids, confidence = result
+    return SampleOutput(tokens, logprobs, top_lp, top_ids, confidence if num_top else None)
 
 
 def draw_uniforms(rows: int, device: torch.device, generator: torch.Generator | None = None,
@@ -158,8 +210,19 @@ def _sample_fake(logits: Tensor, uniforms: Tensor, row_ids: Tensor | None, tempe
     return torch.empty(uniforms.shape, dtype=torch.int64, device=logits.device)
 
 
+def _sample_with_logprobs_fake(logits: Tensor, uniforms: Tensor, row_ids: Tensor | None, temperature: float,
+                               row_temperature: Tensor | None, top_k: int, row_top_k: Tensor | None, top_p: float,
+                               row_top_p: Tensor | None, min_p: float, row_min_p: Tensor | None,
+                               num_top: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    rows, device = uniforms.numel(), logits.device
+    return (torch.empty(rows, dtype=torch.int64, device=device), torch.empty(rows, device=device),
+            torch.empty(rows, num_top, device=device), torch.empty(rows, num_top, dtype=torch.int64, device=device),
+            torch.empty(rows, device=device))
+
+
 if _extension.load() is not None:
     torch.library.register_fake("forkdec::sample")(_sample_fake)
+    torch.library.register_fake("forkdec::sample_with_logprobs")(_sample_with_logprobs_fake)
 
 
 @torch.library.custom_op("forkdec::sample_triton", mutates_args=())
@@ -193,3 +256,26 @@ def _sample_triton(logits: Tensor, uniforms: Tensor, row_ids: Tensor | None, tem
 
 
 _sample_triton.register_fake(_sample_fake)
+
+
+@torch.library.custom_op("forkdec::sample_with_logprobs_triton", mutates_args=())
+def _sample_with_logprobs_triton(logits: Tensor, uniforms: Tensor, row_ids: Tensor | None, temperature: float,
+                                 row_temperature: Tensor | None, top_k: int, row_top_k: Tensor | None, top_p: float,
+                                 row_top_p: Tensor | None, min_p: float, row_min_p: Tensor | None,
+                                 num_top: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    from forkdec.triton_kernels.sampling import token_signals
+
+    tokens = _sample_triton(logits, uniforms, row_ids, temperature, row_temperature, top_k, row_top_k, top_p,
+                            row_top_p, min_p, row_min_p)
+    out_rows, device = tokens.numel(), logits.device
+    logprobs = torch.empty(out_rows, device=device)
+    top_logprobs = torch.empty(out_rows, num_top, device=device)
+    top_ids = torch.empty(out_rows, num_top, dtype=torch.int64, device=device)
+    confidence = torch.full((out_rows,), float("nan") if num_top == 0 else 0.0, device=device)
+    x = logits if logits.stride(-1) == 1 else logits.contiguous()
+    ids = row_ids.long().contiguous() if row_ids is not None else torch.arange(out_rows, device=device)
+    token_signals(x, ids, tokens, num_top, logprobs, top_logprobs, top_ids, confidence)
+    return tokens, logprobs, top_logprobs, top_ids, confidence
+
+
+_sample_with_logprobs_triton.register_fake(_sample_with_logprobs_fake)

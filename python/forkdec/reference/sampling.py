@@ -125,3 +125,37 @@ def sample(logits: Tensor, uniforms: Tensor, *, temperature: Param = 1.0, top_k:
     # u * W can round up to W: then the last kept token.
     last_kept = (w > 0).long().cumsum(1).argmax(dim=1)
     return torch.where(token < x.shape[1], token, last_kept)
+
+
+def token_signals(logits: Tensor, tokens: Tensor, num_top: int = 0,
+                  row_ids: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-token signals under the unfiltered temperature-1 distribution.
+
+    logits [B, V]; tokens int64 [R] (output r drawn from logits[row_ids[r]], or
+    row r). Returns (logprobs fp32 [R]: log softmax(x)[token]; top_logprobs fp32
+    [R, num_top] and top_ids int64 [R, num_top]: the num_top largest logprobs,
+    descending, ties by lower id; confidence fp32 [R]: -mean(top_logprobs),
+    DeepConf's token confidence, NaN when num_top = 0).
+    """
+    ids = torch.arange(logits.shape[0], device=logits.device) if row_ids is None else row_ids.long()
+    x = logits.index_select(0, ids).float()
+    out_rows = x.shape[0]
+    if out_rows == 0:
+        return (torch.zeros(0, device=x.device), torch.zeros(0, num_top, device=x.device),
+                torch.zeros(0, num_top, dtype=torch.int64, device=x.device), torch.zeros(0, device=x.device))
+    lse = torch.logsumexp(x, dim=1)
+    logprobs = x.gather(1, tokens.long().reshape(-1, 1)).reshape(-1) - lse
+    order = x.sort(dim=1, descending=True, stable=True).indices[:, :num_top]
+    top_logprobs = x.gather(1, order) - lse[:, None]
+    confidence = (-top_logprobs.double().mean(dim=1)).float() if num_top else torch.full_like(lse, float("nan"))
+    return logprobs, top_logprobs, order, confidence
+
+
+def sample_with_logprobs(logits: Tensor, uniforms: Tensor, *, num_top: int = 0, temperature: Param = 1.0,
+                         top_k: Param = 0, top_p: Param = 1.0, min_p: Param = 0.0,
+                         row_ids: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """`sample` and then `token_signals` of the drawn tokens:
+    (tokens, logprobs, top_logprobs, top_ids, confidence)."""
+    tokens = sample(logits, uniforms, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                    row_ids=row_ids)
+    return (tokens, *token_signals(logits, tokens, num_top, row_ids))
