@@ -45,7 +45,7 @@ setup(
     version="0.1.0",
     description="Kernels and a minimal engine for decoding many reasoning paths of one prompt in one batch",
     python_requires=">=3.10",
-    packages=["forkdec", "forkdec.ops", "forkdec.reference", "forkdec.models", "forkdec.engine", "forkdec.eval",
+    packages=["forkdec", "forkdec.ops", "forkdec.reference", "forkdec.models", "forkdec.engine", "forkdec.cache", "forkdec.search", "forkdec.eval",
               "forkdec.xquant", "forkdec.integrations",
               "forkdec.triton_kernels", "forkdec.bench"],
     package_dir={"forkdec": "python/forkdec", "forkdec.triton_kernels": "triton_kernels",

@@ -35,7 +35,7 @@ def test_greedy_paths_equal_decoding_without_cache(page_size):
         for c in paths:
             assert c.token_ids == want
             assert c.finish_reason == ("stop" if want[-1] == EOS else "length")
-    assert eng.cache.allocator.num_used == 0 and eng.cache.allocator.num_reserved == 0
+    assert eng.cache.allocator.num_used == eng.kv_pages_cached and eng.cache.allocator.num_reserved == 0
 
 
 def test_chat_prompts_and_logprobs_match_the_no_cache_model():
@@ -84,8 +84,8 @@ def test_finished_paths_leave_the_batch_and_free_their_pages():
     for running, used in seen[1:]:
         # Used pages never exceed the prompts plus the running paths' worst case.
         assert used <= prompt_pages + running * -(-29 // ps)
-    assert seen[-1] == (0, 0)
-    assert eng.cache.allocator.num_used == 0 and eng.cache.allocator.num_free == eng.cache.num_pages
+    assert seen[-1] == (0, eng.kv_pages_cached)
+    assert eng.cache.allocator.num_used == eng.kv_pages_cached and eng.cache.allocator.num_free == eng.cache.num_pages - eng.kv_pages_cached
     assert all(c.finish_reason in ("stop", "length") for paths in out for c in paths)
 
 
@@ -104,7 +104,7 @@ def test_budget_refuses_a_path_that_cannot_fit_and_queues_the_rest():
     assert max(tight.model.calls[1:]) == 2 and tight.last_stats.max_batch == 2
     want = greedy_no_cache(tight.model, ByteTokenizer().encode(PROMPTS[0]), 40, set())
     assert all(c.token_ids == want for c in out)
-    assert tight.cache.num_pages == 8 and tight.cache.allocator.num_used == 0
+    assert tight.cache.num_pages == 8 and tight.cache.allocator.num_used == tight.kv_pages_cached
 
 
 def test_paths_that_end_on_their_first_token_let_waiting_paths_in():
@@ -113,7 +113,7 @@ def test_paths_that_end_on_their_first_token_let_waiting_paths_in():
     out = eng.generate(PROMPTS[0], n=5, params=SamplingParams(temperature=1.0, max_new_tokens=40, seed=0),
                        chat=False)[0]
     assert [c.token_ids for c in out] == [[EOS]] * 5 and {c.finish_reason for c in out} == {"stop"}
-    assert [c.text for c in out] == [""] * 5 and eng.cache.allocator.num_used == 0
+    assert [c.text for c in out] == [""] * 5 and eng.cache.allocator.num_used == eng.kv_pages_cached
 
 
 def test_seeded_runs_reproduce_and_seeds_differ():
@@ -153,7 +153,7 @@ def test_early_stop_cancels_the_other_paths():
         assert sorted(c.finish_order for c in natural) == [0, 1]
         # a cancelled path stopped no later than the second natural finish
         assert all(len(c.token_ids) <= max(len(x.token_ids) for x in natural) for c in cancelled)
-    assert eng.cache.allocator.num_used == 0
+    assert eng.cache.allocator.num_used == eng.kv_pages_cached
 
 
 @pytest.mark.parametrize("kwargs,arg", [
@@ -214,4 +214,4 @@ def test_real_model_greedy_paths_equal_decoding_without_cache(real_engine):
     want = greedy_no_cache(real_engine.model, ids, 12, real_engine.eos_ids())
     assert [c.token_ids for c in out[0]] == [want, want]
     assert math.isfinite(out[0][0].cumulative_logprob)
-    assert real_engine.cache.allocator.num_used == 0
+    assert real_engine.cache.allocator.num_used == real_engine.kv_pages_cached

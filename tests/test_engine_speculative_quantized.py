@@ -16,7 +16,7 @@ import forkdec
 from forkdec.engine import Engine, SamplingParams
 from forkdec.engine import engine as engine_module
 from forkdec.engine import speculative_step
-from forkdec.xquant.cache import QuantizedKVCache
+from forkdec.cache.quantized import QuantizedKVCache
 from forkdec.xquant.kinds import parse_kind
 from test_kv_cache import tiny_model
 from test_kv_engine import PROMPT, NoEosTokenizer

@@ -5,7 +5,7 @@ equals forkdec.eval.perplexity of the same kind on the same tokens (same windows
 On tiny random checkpoints (loaded by transformers and, from the same files, by forkdec) the
 XQuant kinds agree to 1e-5 relative in fp32 (measured <= 4e-7) while the quantization itself
 moves PPL by far more. KIVI kinds agree to 2e-4 (measured 1e-6 at 4 bits, 1e-4 at 2 bits): forkdec's
-QuantizedKVCache attends over its fp16 window with q cast to fp16 (xquant/cache.py, kivi branch of
+QuantizedKVCache attends over its fp16 window with q cast to fp16 (cache/quantized.py, kivi branch of
 _attend_part); with that cast removed the two agree to 2e-7 (checked by hand). The default model
 (SmolLM2-135M, transformers loading the GGUF) is in test_integrations_cache_model.py.
 """

@@ -12,9 +12,8 @@ import pytest
 import torch
 
 from forkdec import reference
-from forkdec.engine.attend import make_attend
-from forkdec.engine.kv_cache import make_kv_cache
-from forkdec.engine.metadata import StepBatch
+from forkdec.cache import make_attend, make_kv_cache
+from forkdec.cache import StepBatch
 from forkdec.models.config import ModelConfig
 from forkdec.models.llama import LlamaModel, _rotate
 from forkdec.ops import CascadeLevel

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from forkdec.engine.kv_cache import make_kv_cache
+from forkdec.cache import make_kv_cache
 from forkdec.xquant.calibration import ATTR, calibrate, calibrated_factors, x_moments
 from forkdec.xquant.kinds import parse_kind
 from forkdec.xquant.weights import layer_weights, scaled_factors

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from forkdec.engine.metadata import StepBatch
+from forkdec.cache import StepBatch
 from forkdec.ops import CascadeLevel
 from forkdec.reference.xquant import rotate_half_rope
 from forkdec.tree import build_tree, pack_bits
-from forkdec.xquant.cache import QuantizedKVCache
+from forkdec.cache.quantized import QuantizedKVCache
 from forkdec.xquant.kinds import parse_kind
 from forkdec.xquant.tree_step import mask_columns, rope_keys, slot_positions, unpack_bits
 from test_kv_cache import tiny_model

@@ -1,7 +1,7 @@
 """The forkdec engine: many sampled paths per prompt over a prefix-shared paged KV cache."""
+from forkdec.cache import PageAllocator, PagedKVCache
 from forkdec.engine.completion import Completion, GenerateStats
 from forkdec.engine.engine import Engine
-from forkdec.engine.kv_cache import PageAllocator, PagedKVCache
 from forkdec.engine.params import SamplingParams
 from forkdec.engine.progress import Progress, ProgressBar
 

@@ -18,6 +18,7 @@ import torch
 from forkdec.engine.completion import Completion, GenerateStats
 from forkdec.engine.params import SamplingParams
 from forkdec.engine.progress import ProgressBar
+from forkdec.engine.search_cli import add_search_options, run_search
 from forkdec.validation import require
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -51,6 +52,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--kv", default=None, metavar="KIND", help="KV cache kind: fp32, bf16, fp16, xquant-4, "
                    "xquant-latent-4, xquant-cl-2, kivi-4, ... (default: K/V in the model's dtype)")
     add_calib_options(p)
+    add_search_options(p)
     p.add_argument("--speculate", choices=["off", "ngram"], default="off",
                    help="ngram: draft token trees from the prompt and sibling paths, verify them in one pass")
     p.add_argument("--draft-budget", type=int, default=SamplingParams.draft_budget,
@@ -127,6 +129,8 @@ def run(argv: list[str]) -> int:
                             speculate=args.speculate, draft_budget=args.draft_budget)
     model, tokenizer = load(args.model, DTYPES.get(args.dtype))
     apply_calib(args, model, tokenizer)
+    if args.search != "none":
+        return run_search(args, model, tokenizer)
     k = args.first_k or max(1, args.n // 4)
     early = strategies.first_finish_stopper(k) if args.vote == "first-finish" else None
     bar = ProgressBar(sys.stderr, force=False) if not args.no_progress else None
@@ -161,7 +165,8 @@ def _print(paths: list[Completion], vote: Any, stats: GenerateStats, strategy: s
     print(f"\nanswer: {vote.answer}   ({strategy}; votes: {counts}; {len(vote.considered)} paths considered)")
     print(f"stats: {len(paths)} paths, {stats.generated_tokens} tokens in {stats.seconds:.2f} s "
           f"({stats.tokens_per_second:.1f} tok/s; prefill {stats.prefill_seconds:.2f} s of "
-          f"{sum(stats.prompt_tokens)} prompt tokens; largest batch {stats.max_batch})")
+          f"{sum(stats.prompt_tokens)} prompt tokens: {stats.prompt_tokens_prefilled} prefilled, "
+          f"{stats.prompt_tokens_reused} reused from the prefix cache; largest batch {stats.max_batch})")
     if stats.path_steps:
         print(f"speculation: {stats.tokens_per_path_step:.2f} tokens per path per step; "
               f"{stats.speculative_steps} of {stats.decode_steps} steps verified drafts, "
@@ -191,6 +196,8 @@ def _result(args: argparse.Namespace, params: SamplingParams, paths: list[Comple
         "stats": {"generated_tokens": stats.generated_tokens, "seconds": stats.seconds,
                   "tokens_per_second": stats.tokens_per_second, "prefill_seconds": stats.prefill_seconds,
                   "prompt_tokens": stats.prompt_tokens[0], "decode_steps": stats.decode_steps,
+                  "prompt_tokens_prefilled": stats.prompt_tokens_prefilled,
+                  "prompt_tokens_reused": stats.prompt_tokens_reused,
                   "max_batch": stats.max_batch, "kv_bytes_peak": stats.kv_bytes_peak,
                   "kv_bytes_prompt": stats.kv_bytes_prompts, "kv_bytes_if_copied": stats.kv_bytes_if_copied,
                   "speculative_steps": stats.speculative_steps, "draft_tokens": stats.draft_tokens,

@@ -32,6 +32,8 @@ class Completion:
 class GenerateStats:
     """Counters of the last `generate` call (Engine.last_stats)."""
     prompt_tokens: list[int] = field(default_factory=list)
+    prompt_tokens_reused: int = 0     # prompt tokens whose K/V came from the prefix cache (whole pages)
+    prompt_tokens_prefilled: int = 0  # prompt tokens run through the model
     generated_tokens: int = 0
     decode_steps: int = 0
     prefill_seconds: float = 0.0

@@ -17,9 +17,9 @@ import torch
 from torch import Tensor
 
 import forkdec.ops as ops
-from forkdec.engine.attend import make_attend, pick_backend
+from forkdec.cache import PagedKVCache, cache_kind, make_attend, pick_backend
+from forkdec.cache.prefix_index import PrefixIndex
 from forkdec.engine.completion import Completion, GenerateStats
-from forkdec.engine.kv_cache import PagedKVCache, kv_page_bytes, kv_window_pages, kv_window_slots, make_kv_cache
 from forkdec.engine.metadata import decode_batch, prefill_batch
 from forkdec.engine.params import SamplingParams
 from forkdec.engine.progress import Progress
@@ -58,10 +58,14 @@ class Engine:
     kv: cache kind (forkdec.xquant.kinds): None (K/V in the model's dtype), "fp32",
         "bf16", "fp16", "xquant-4", "xquant-latent-4", "xquant-cl-2", "kivi-4", ...
         Quantized kinds use their own page size (page_size is then ignored).
+    prefix_cache: keep the whole pages of prompts after a call (fp kinds), so a later
+        prompt that extends a cached prefix prefills only its new tokens; unused cached
+        pages are evicted least-recently-used when admission needs them.
     """
 
     def __init__(self, model: Any = None, *, tokenizer: Any = None, kv_budget_bytes: int | None = None,
-                 dtype: torch.dtype | None = None, page_size: int = 16, kv: str | None = None) -> None:
+                 dtype: torch.dtype | None = None, page_size: int = 16, kv: str | None = None,
+                 prefix_cache: bool = True) -> None:
         if model is None or isinstance(model, (str, os.PathLike)):
             from forkdec.models import load_model
             model, tokenizer = load_model(None if model is None else os.fspath(model), dtype=dtype)
@@ -72,9 +76,10 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         self.kv = kv
         self.kv_dtype = model.dtype
-        self.page_size, self.page_bytes = kv_page_bytes(kv, model, page_size)
+        self.kind = cache_kind(kv, model, page_size)  # the kind string, parsed once
+        self.page_size, self.page_bytes = self.kind.page_size, self.kind.page_bytes
         # quantized kinds: pages of the budget that cover a live sequence's full-precision window
-        self.window_pages = kv_window_pages(kv, model, page_size)
+        self.window_pages = self.kind.window_pages
         budget = default_kv_budget() if kv_budget_bytes is None else kv_budget_bytes
         require(isinstance(budget, int) and budget > 0, "kv_budget_bytes", f"must be a positive int, got {budget!r}")
         require(budget >= self.page_bytes, "kv_budget_bytes",
@@ -82,9 +87,11 @@ class Engine:
         self.kv_budget_bytes = budget
         self.max_pages = budget // self.page_bytes
         # the most window slots the budget can hold: caps the quantized cache's window pool
-        self.max_window_slots = (max(1, self.max_pages // self.window_pages) * kv_window_slots(kv)
+        self.max_window_slots = (max(1, self.max_pages // self.window_pages) * self.kind.window_slots
                                  if self.window_pages else None)
         self.cache: PagedKVCache | None = None
+        self.use_prefix_cache = bool(prefix_cache) and not self.kind.quantized
+        self.prefix: PrefixIndex | None = None  # the prompts' pages the cache keeps across calls
         self.last_stats: GenerateStats | None = None
 
     @classmethod
@@ -145,10 +152,21 @@ class Engine:
 
     def _cache_for(self, pages: int) -> PagedKVCache:
         if self.cache is None or self.cache.num_pages < pages:
-            self.cache = None  # drop the old cache before allocating its successor
-            self.cache = make_kv_cache(self.kv, self.model, pages, page_size=self.page_size,
-                                       max_window_slots=self.max_window_slots)
+            self.cache = self.prefix = None  # drop the old cache (and what it kept) before allocating its successor
+            self.cache = self.kind.make(self.model, pages, max_window_slots=self.max_window_slots)
+            if self.use_prefix_cache:
+                self.prefix = PrefixIndex(self.cache.allocator, self.page_size)
         return self.cache
+
+    @property
+    def kv_pages_cached(self) -> int:
+        """Pages the prefix cache keeps between calls (0 without one)."""
+        return 0 if self.prefix is None else self.prefix.num_pages
+
+    def clear_prefix_cache(self) -> None:
+        """Forget every cached prompt page (pages in use stay with their users)."""
+        if self.prefix is not None:
+            self.prefix.clear()
 
 
 class _Run:
@@ -178,6 +196,7 @@ class _Run:
         # ids past max_pages - 2 windows are never in use: a live path has its own and its prompt's window
         self.cache = engine._cache_for(min(need, engine.max_pages - 2 * wp))
         self.alloc = self.cache.allocator
+        self.prefix = engine.prefix
         self.stop = StopChecker(params, engine.eos_ids(), engine.tokenizer)
         self.sample = ops.sample
         self.generator = torch.Generator()
@@ -202,11 +221,16 @@ class _Run:
                 break
             elif not admitted:  # cannot happen: the budget check holds one path of every prompt
                 raise RuntimeError("engine: paths are waiting but none can be admitted")
-        assert all(None not in s.results for s in self.states) and self.alloc.num_used == 0 and self.windows == 0
+        assert all(None not in s.results for s in self.states) and self.windows == 0
+        assert self.alloc.num_used == self.e.kv_pages_cached, "pages left held after the call"
 
     def reserve(self, pages: int, windows: int) -> bool:
         """Reserve `pages` page ids and budget `windows` more full-precision windows, if both fit."""
         a = self.alloc
+        short = max(a.num_used + a.num_reserved + pages + (self.windows + windows) * self.e.window_pages
+                    - self.e.max_pages, pages - a.num_available)
+        if short > 0 and self.prefix is not None:  # cached prompt pages nobody uses make room
+            self.prefix.evict(short)
         if a.num_used + a.num_reserved + pages + (self.windows + windows) * self.e.window_pages > self.e.max_pages:
             return False
         if not a.reserve(pages):
@@ -223,11 +247,16 @@ class _Run:
                 continue
             if not s.prefilled:
                 prompt_pages = -(-len(s.token_ids) // ps)
-                if not self.reserve(prompt_pages + self.path_pages, windows=2):
+                # whole pages of a cached prefix (the last token is always prefilled: its logits are needed)
+                cached = self.prefix.match(s.token_ids[:-1]) if self.prefix is not None else []
+                self.alloc.share(cached)  # held before reserve(), so its eviction cannot take them
+                if not self.reserve(prompt_pages - len(cached) + self.path_pages, windows=2):
+                    self.alloc.free(cached)
                     break
                 self.alloc.release(self.path_pages)  # taken back just below for the first path
                 self.windows -= 1
-                s.pages = [self.alloc.alloc() for _ in range(prompt_pages)]
+                s.pages = cached + [self.alloc.alloc() for _ in range(prompt_pages - len(cached))]
+                s.cached = len(cached) * ps
                 new_prompts.append(s)
             while s.waiting > 0 and self.reserve(self.path_pages, windows=1):
                 new_paths.append(PathState(s, s.admitted, reserved=self.path_pages))
@@ -248,6 +277,10 @@ class _Run:
         logits = self.e.model.forward(batch.tokens, batch.positions, attend, logits_rows=batch.logits_rows)
         for s, row in zip(prompts, logits.float()):
             s.last_logits = row
+            self.stats.prompt_tokens_reused += s.cached
+            self.stats.prompt_tokens_prefilled += len(s.token_ids) - s.cached
+            if self.prefix is not None:
+                self.prefix.insert(s.token_ids, s.pages)
         self.stats.prefill_seconds += time.perf_counter() - t
 
     def first_tokens(self, paths: list[PathState]) -> None:

@@ -9,14 +9,13 @@ its draft tree, level 1 masked by the tree.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from itertools import accumulate
 
 import torch
 from torch import Tensor
 
+from forkdec.cache import PageAllocator, StepBatch, TreeInputs
 from forkdec.engine.drafter import DraftTree
-from forkdec.engine.kv_cache import PageAllocator
 from forkdec.engine.state import PathState, PromptState
 from forkdec.ops import CascadeLevel
 from forkdec.tree import build_tree
@@ -34,41 +33,21 @@ def _last_len(tokens: int, pages: int, page_size: int) -> int:
     return tokens - (pages - 1) * page_size if pages else 0
 
 
-@dataclass
-class StepBatch:
-    """Inputs of one model forward: tokens, positions, where their K/V go, and
-    the page tables their queries read."""
-    tokens: Tensor          # [T] int64
-    positions: Tensor       # [T] int64
-    slots: Tensor           # [T] int64, page * page_size + offset
-    levels: list[CascadeLevel]
-    logits_rows: Tensor | None = None
-    tree: TreeInputs | None = None   # a verification step's draft trees
-
-
-@dataclass
-class TreeInputs:
-    """The draft trees a verification step feeds, in forkdec.ops.verify_tree_* layout."""
-    draft_tokens: Tensor    # [N] int32
-    parents: Tensor         # [N] int32, local (-1 = the root)
-    tree_indptr: Tensor     # [B+1] int32
-    max_depth: int
-    node_slots: Tensor      # [N] int64, where each node's K/V was written (accept_path_kv)
-
-
 def prefill_batch(prompts: list[PromptState], page_size: int) -> StepBatch:
-    """All tokens of `prompts` (their pages already allocated), causal, one group each."""
-    tokens, positions, slots = [], [], []
+    """The tokens of `prompts` not yet in the cache (their pages already allocated; the first
+    `p.cached` tokens of each are held by pages reused from the prefix cache), causal, one group
+    each over all of the prompt's pages."""
+    tokens, positions, slots, lens = [], [], [], []
     for p in prompts:
         n = len(p.token_ids)
-        tokens += p.token_ids
-        positions += range(n)
-        slots += [p.pages[i // page_size] * page_size + i % page_size for i in range(n)]
-    lens = [len(p.token_ids) for p in prompts]
+        tokens += p.token_ids[p.cached:]
+        positions += range(p.cached, n)
+        slots += [p.pages[i // page_size] * page_size + i % page_size for i in range(p.cached, n)]
+        lens.append(n - p.cached)
     level = CascadeLevel(
         qo_indptr=_indptr(lens), kv_indptr=_indptr([len(p.pages) for p in prompts]),
         kv_indices=_i32([g for p in prompts for g in p.pages]),
-        kv_last_page_len=_i32([_last_len(n, len(p.pages), page_size) for n, p in zip(lens, prompts)]),
+        kv_last_page_len=_i32([_last_len(len(p.token_ids), len(p.pages), page_size) for p in prompts]),
         causal=True)
     last_rows = [r - 1 for r in accumulate(lens)]
     return StepBatch(torch.tensor(tokens, dtype=torch.int64), torch.tensor(positions, dtype=torch.int64),

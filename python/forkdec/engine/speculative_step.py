@@ -31,9 +31,10 @@ import torch
 from torch import Tensor
 
 import forkdec.ops as ops
-from forkdec.engine.attend import make_attend
+from forkdec.cache import make_attend
 from forkdec.engine.drafter import AcceptanceModel, NgramTable, rank_nodes, split_trees
-from forkdec.engine.metadata import TreeInputs, tree_batch
+from forkdec.cache import TreeInputs
+from forkdec.engine.metadata import tree_batch
 from forkdec.engine.spec_control import SpeculationControl
 from forkdec.engine.state import PathState, PromptState
 from forkdec.tree import accept_path_kv

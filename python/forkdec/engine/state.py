@@ -16,6 +16,7 @@ class PromptState:
     token_ids: list[int]
     n: int
     pages: list[int] = field(default_factory=list)
+    cached: int = 0                     # leading tokens whose pages came from the prefix cache
     last_logits: Tensor | None = None   # [V] fp32 logits after the prompt, set by prefill
     admitted: int = 0                   # paths started so far
     running: int = 0                    # paths in the batch now

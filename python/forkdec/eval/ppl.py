@@ -1,8 +1,8 @@
 """Perplexity with every prediction read through a KV cache kind, exactly as decoding reads it.
 
 Non-overlapping windows of `window` tokens; each is fed in chunks of `chunk`
-tokens through a cache built by `forkdec.engine.kv_cache.make_kv_cache` and the
-engine's `make_attend`, so a chunk's queries read all earlier tokens from the
+tokens through a cache built by `forkdec.cache.make_kv_cache` and the
+cache layer's `make_attend`, so a chunk's queries read all earlier tokens from the
 cache as stored (quantized pages and the full-precision window of quantized
 kinds), never from a fake-quantized copy. Predictions: token t+1 from tokens
 <= t of the same window (window - 1 per window), no BOS token added.
@@ -18,10 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from forkdec.engine.attend import make_attend
-from forkdec.engine.kv_cache import make_kv_cache
-from forkdec.engine.metadata import StepBatch
+from forkdec.cache import StepBatch, make_attend, make_kv_cache
 from forkdec.ops import CascadeLevel
+from forkdec.text_file import read_tokens  # noqa: F401  (forkdec.eval's face for it)
 from forkdec.validation import require, validation
 
 
@@ -36,26 +35,6 @@ class PplResult:
     chunk: int
     seconds: float
     window_nll: list[float] = field(default_factory=list)  # mean NLL of each window
-
-
-def read_tokens(path: str, tokenizer, max_tokens: int | None = None) -> list[int]:
-    """Token ids of the text file `path`; with max_tokens, only enough whole lines
-    are tokenized to give that many (the first tokens of the whole file's encoding
-    up to line-boundary effects)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as e:
-        raise ValueError(f"data: cannot read {path}: {e.strerror or e}") from None
-    require(text.strip() != "", "data", f"{path} holds no text")
-    if max_tokens is None:
-        return list(tokenizer.encode(text))
-    lines, ids, pos = text.splitlines(keepends=True), [], 0
-    while len(ids) < max_tokens and pos < len(lines):
-        step = max(64, (max_tokens - len(ids)) // 8)  # lines are ~40 tokens; overshoot, then stop
-        ids += tokenizer.encode("".join(lines[pos:pos + step]))
-        pos += step
-    return ids[:max_tokens]
 
 
 def window_nll(model, tokens: Tensor, cache, *, chunk: int = 128, backend: str = "auto") -> tuple[float, int]:

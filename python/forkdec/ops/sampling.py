@@ -26,7 +26,8 @@ Param = float | int | Tensor
 
 def sample(logits: Tensor, *, temperature: Param = 1.0, top_k: int | Tensor = 0, top_p: Param = 1.0,
            min_p: Param = 0.0, generator: torch.Generator | None = None, seed: int | None = None,
-           row_ids: Tensor | None = None, check_nan: bool = True, backend: str = "auto") -> Tensor:
+           row_ids: Tensor | None = None, check_nan: bool = True, backend: str = "auto",
+           uniforms: Tensor | None = None) -> Tensor:
     """Draw one token per output row.
 
     logits [B, V] fp32 / fp16 / bf16, any strides.
@@ -46,6 +47,8 @@ def sample(logits: Tensor, *, temperature: Param = 1.0, top_k: int | Tensor = 0,
         the first token whose running kept weight exceeds u * total.
     generator / seed: where the R uniforms come from (not both); neither: torch's
         default generator. Same seed, same backend -> same tokens.
+    uniforms: fp32 [R] in [0, 1) given by the caller (one generator per path) instead
+        of drawn here; then generator and seed must be None.
     check_nan: raise for NaN or +inf logits (one extra reduction over logits).
     Returns int64 [R]. A row that leaves no token (all -inf, or x / temperature
     overflowing) raises ValueError naming logits, never a silent token.
@@ -54,7 +57,12 @@ def sample(logits: Tensor, *, temperature: Param = 1.0, top_k: int | Tensor = 0,
         _validate(logits, temperature, top_k, top_p, min_p, generator, seed, row_ids, check_nan)
     name = resolve(backend, "sample", logits.device, BACKENDS)
     out_rows = logits.shape[0] if row_ids is None else row_ids.numel()
-    uniforms = draw_uniforms(out_rows, logits.device, generator, seed)
+    if uniforms is None:
+        uniforms = draw_uniforms(out_rows, logits.device, generator, seed)
+    elif validation_enabled():
+        require(generator is None and seed is None, "uniforms", "give uniforms or generator/seed, not both")
+        require(uniforms.shape == (out_rows,) and uniforms.dtype == torch.float32, "uniforms",
+                f"must be fp32 [{out_rows}], got {uniforms.dtype} {tuple(uniforms.shape)}")
     if name == "reference":
         return reference.sample(logits, uniforms, temperature=temperature, top_k=top_k, top_p=top_p,
                                 min_p=min_p, row_ids=row_ids)

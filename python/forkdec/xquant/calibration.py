@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from forkdec.text_file import read_tokens
 from forkdec.validation import require
 
 ATTR = "xquant_x_moment"  # LlamaLayer attribute holding C [hidden, hidden] fp64
@@ -58,8 +59,6 @@ def calibrate(model, tokens: Tensor | list[int], *, chunk: int = 512) -> None:
 def calibrate_from_text(model, tokenizer, path: str, *, max_tokens: int = 4096) -> int:
     """calibrate(model, the first `max_tokens` tokens of the text file `path`); returns
     how many tokens it used. Use text the evaluation does not score."""
-    from forkdec.eval.ppl import read_tokens
-
     require(isinstance(max_tokens, int) and max_tokens >= 1, "max_tokens", f"must be an int >= 1, got {max_tokens!r}")
     ids = read_tokens(path, tokenizer, max_tokens)
     calibrate(model, ids)

@@ -14,8 +14,8 @@ from torch import Tensor
 
 import forkdec.ops as ops
 from forkdec.backends import resolve
-from forkdec.engine.kv_cache import PagedKVCache
-from forkdec.engine.metadata import StepBatch
+from forkdec.cache.batch import StepBatch
+from forkdec.cache.paged import PagedKVCache
 from forkdec.ops.attention import BACKENDS
 from forkdec.validation import validation, validation_enabled
 
@@ -30,7 +30,7 @@ def pick_backend(device: torch.device) -> str:
 
 
 def make_attend(batch: StepBatch, cache, *, prefill: bool, backend: str = "auto") -> Attend:
-    """The step's attend for `cache`: a quantized cache (forkdec.xquant.cache) builds
+    """The step's attend for `cache`: a quantized cache (forkdec.cache.quantized) builds
     its own; for a PagedKVCache, append_kv then attention (prefill) or the step's
     CascadePlan (decode). Output in q's dtype whatever the cache's dtype."""
     if not isinstance(cache, PagedKVCache):

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 import forkdec.ops as ops
-from forkdec.engine.kv_cache import PageAllocator
+from forkdec.cache.allocator import PageAllocator
 from forkdec.tree import accepted_kv_slots
 from forkdec.validation import require, validation, validation_enabled
 from forkdec.xquant.accounting import stream_widths, window_dtype
