@@ -46,14 +46,16 @@ setup(
     description="Kernels and a minimal engine for decoding many reasoning paths of one prompt in one batch",
     python_requires=">=3.10",
     packages=["forkdec", "forkdec.ops", "forkdec.reference", "forkdec.models", "forkdec.engine", "forkdec.eval",
-              "forkdec.xquant", "forkdec.integrations",
+              "forkdec.xquant", "forkdec.integrations", "forkdec.serve",
               "forkdec.triton_kernels", "forkdec.bench"],
     package_dir={"forkdec": "python/forkdec", "forkdec.triton_kernels": "triton_kernels",
                  "forkdec.bench": "bench"},
     # A range that an installed torch satisfies installs nothing more: a CUDA torch stays.
     install_requires=["torch>=2.4", "numpy", "gguf>=0.10", "tokenizers>=0.19", "jinja2", "safetensors"],
     extras_require={
-        "test": ["pytest", "triton", "matplotlib", "transformers>=5", "accelerate"],
+        "test": ["pytest", "triton", "matplotlib", "transformers>=5", "accelerate",
+                 "fastapi", "uvicorn", "prometheus_client", "openai", "httpx"],
+        "serve": ["fastapi", "uvicorn", "prometheus_client"],
         "bench": ["matplotlib"],
     },
     entry_points={"console_scripts": ["forkdec=forkdec.cli:main"]},
