@@ -25,6 +25,7 @@ BENCH_AREAS: dict[str, str] = {
     "gpu-xquant": "forkdec.bench.gpu_xquant",
     "integrations": "forkdec.bench.integrations",
     "xquant-ppl": "forkdec.bench.xquant_ppl",
+    "serve": "forkdec.bench.serve",
 }
 
 
