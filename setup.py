@@ -9,7 +9,7 @@ import glob
 import os
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 try:
     import torch
@@ -45,15 +45,16 @@ setup(
     version="0.1.0",
     description="Kernels and a minimal engine for decoding many reasoning paths of one prompt in one batch",
     python_requires=">=3.10",
-    packages=["forkdec", "forkdec.ops", "forkdec.reference", "forkdec.models", "forkdec.engine", "forkdec.cache", "forkdec.search", "forkdec.eval",
-              "forkdec.xquant", "forkdec.integrations",
-              "forkdec.triton_kernels", "forkdec.bench"],
+    # every package under python/ (so a new subpackage cannot be left out of a wheel), plus the two top-level folders
+    packages=find_packages("python") + ["forkdec.triton_kernels", "forkdec.bench"],
     package_dir={"forkdec": "python/forkdec", "forkdec.triton_kernels": "triton_kernels",
                  "forkdec.bench": "bench"},
     # A range that an installed torch satisfies installs nothing more: a CUDA torch stays.
     install_requires=["torch>=2.4", "numpy", "gguf>=0.10", "tokenizers>=0.19", "jinja2", "safetensors"],
     extras_require={
-        "test": ["pytest", "triton", "matplotlib", "transformers>=5", "accelerate"],
+        "test": ["pytest", "triton", "matplotlib", "transformers>=5", "accelerate",
+                 "fastapi", "uvicorn", "prometheus_client", "openai", "httpx"],
+        "serve": ["fastapi", "uvicorn", "prometheus_client"],
         "bench": ["matplotlib"],
     },
     entry_points={"console_scripts": ["forkdec=forkdec.cli:main"]},

@@ -1,4 +1,5 @@
-"""The `forkdec` command line: `forkdec generate "PROMPT" -n 16 ...`, `forkdec bench <area>`.
+"""The `forkdec` command line: `forkdec generate "PROMPT" -n 16 ...`, `forkdec serve`, `forkdec bench <area>`
+(also `python -m forkdec ...`).
 
 User errors print one line to stderr and exit with code 2, without a traceback.
 """
@@ -24,6 +25,7 @@ BENCH_AREAS: dict[str, str] = {
     "gpu-xquant": "forkdec.bench.gpu_xquant",
     "integrations": "forkdec.bench.integrations",
     "xquant-ppl": "forkdec.bench.xquant_ppl",
+    "serve": "forkdec.bench.serve",
 }
 
 
@@ -51,7 +53,14 @@ def _eval(argv: list[str]) -> int:
     return run(argv)
 
 
-COMMANDS: dict[str, Callable[[list[str]], int]] = {"bench": _bench, "eval": _eval, "generate": _generate}
+def _serve(argv: list[str]) -> int:
+    from forkdec.serve.cli import run
+
+    return run(argv)
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {"bench": _bench, "eval": _eval, "generate": _generate,
+                                                   "serve": _serve}
 
 
 def main(argv: list[str] | None = None) -> int:
