@@ -75,7 +75,7 @@ class Scheduler:
         self.driver, self.max_waiting = driver, max_waiting
         self.waiting: collections.deque[Ticket] = collections.deque()
         self.running: dict[int, Ticket] = {}  # id(ticket) -> ticket
-        self.by_path: dict[int, tuple[Ticket, int]] = {}  # id(path) -> (ticket, choice)
+        self.by_path: dict[Any, tuple[Ticket, int]] = {}  # path handle (hashable) -> (ticket, choice)
         self.counters = Counters()
         self.cv = threading.Condition()
         self.closing = False
@@ -162,20 +162,20 @@ class Scheduler:
             ticket.open_choices = len(ticket.paths)
             self.running[id(ticket)] = ticket
             for choice, path in enumerate(ticket.paths):
-                self.by_path[id(path)] = (ticket, choice)
+                self.by_path[path] = (ticket, choice)
 
     def _drop_cancelled(self) -> None:
         for key, ticket in list(self.running.items()):
             if ticket.cancelled:
                 for path in ticket.paths:
-                    if id(path) in self.by_path:
+                    if path in self.by_path:
                         self.driver.stop(path)
-                        del self.by_path[id(path)]
+                        del self.by_path[path]
                 del self.running[key]
 
     def _dispatch(self, events: list[TokenEvent]) -> None:
         for ev in events:
-            owner = self.by_path.get(id(ev.path))
+            owner = self.by_path.get(ev.path)
             if owner is None:
                 continue
             ticket, choice = owner
@@ -183,7 +183,7 @@ class Scheduler:
                 self.counters.generated_tokens += 1
             ticket.emit("token", choice, ev)
             if ev.finish_reason is not None:
-                del self.by_path[id(ev.path)]
+                del self.by_path[ev.path]
                 ticket.open_choices -= 1
                 if ticket.open_choices == 0:
                     self.running.pop(id(ticket), None)
@@ -197,10 +197,10 @@ class Scheduler:
                 self.waiting.clear()
         for ticket in tickets:
             for path in ticket.paths:
-                if id(path) in self.by_path:
+                if path in self.by_path:
                     try:
                         self.driver.stop(path)
                     except Exception:
                         pass
-                    del self.by_path[id(path)]
+                    del self.by_path[path]
             ticket.emit("error", None, error)
