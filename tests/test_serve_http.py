@@ -15,9 +15,9 @@ openai = pytest.importorskip("openai", reason="the openai client is not installe
 
 from forkdec.serve.app import create_app  # noqa: E402
 from forkdec.serve.service import Service  # noqa: E402
-from tests.engine_fixtures import ByteTokenizer  # noqa: E402
-from tests.serve_fixtures import ScriptDriver  # noqa: E402
-from tests.serve_server import running  # noqa: E402
+from engine_fixtures import ByteTokenizer  # noqa: E402
+from serve_fixtures import ScriptDriver  # noqa: E402
+from serve_server import running  # noqa: E402
 
 MODEL = "tiny"
 

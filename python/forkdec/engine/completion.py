@@ -16,12 +16,20 @@ class Completion:
         distribution, softmax(logits) at temperature 1 before any filter, so
         values are comparable across sampling settings.
     finish_order: 0 for the first path of its prompt to finish, 1 for the next, ...
+    token_logprobs: log p of each token of token_ids (the same distribution as cumulative_logprob).
+    token_confidences: DeepConf's confidence of each token's distribution, -(1/k) * sum of
+        its k largest logprobs (SamplingParams.confidence_k; None when not asked for).
+    top_logprobs: per token, the (token id, logprob) pairs of its distribution's
+        SamplingParams.top_logprobs most likely tokens (None when not asked for).
     """
     token_ids: list[int]
     text: str
     finish_reason: str
     cumulative_logprob: float
     finish_order: int = -1
+    token_logprobs: list[float] = field(default_factory=list)
+    token_confidences: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
     @property
     def mean_logprob(self) -> float:

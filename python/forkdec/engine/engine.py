@@ -26,6 +26,7 @@ from forkdec.engine.progress import Progress
 from forkdec.engine.speculative_step import Speculator
 from forkdec.engine.state import PathState, PromptState
 from forkdec.engine.stops import StopChecker
+from forkdec.engine.token_sampler import draw
 from forkdec.validation import require
 
 EarlyStop = Callable[[int, list[Completion]], bool]
@@ -315,18 +316,18 @@ class _Run:
     def accept(self, paths: list[PathState], logits: Tensor, row_ids: Tensor | None) -> None:
         """Sample one token for every path (one call), add it, and finish the paths that end."""
         p = self.params
-        logits = logits.float()
-        tokens = self.sample(logits, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, min_p=p.min_p,
-                             generator=self.generator, row_ids=row_ids)
-        rows = row_ids if row_ids is not None else torch.arange(len(paths))
-        # log p(token) = logit - logsumexp(row): one reduction instead of a full log_softmax.
-        logprobs = (logits[rows, tokens] - torch.logsumexp(logits, dim=-1)[rows]).tolist()
-        for path, tok, lp in zip(paths, tokens.tolist(), logprobs):
+        short = [self.stop.stop_ids if len(q.token_ids) < p.min_tokens else () for q in paths]
+        d = draw(logits.float(), [p] * len(paths), generator=self.generator, row_ids=row_ids, mask_ids=short)
+        for r, (path, tok, lp) in enumerate(zip(paths, d.tokens, d.logprobs)):
             if path.finished:  # cancelled by an early stop earlier in this loop: its draw is dropped
                 continue
             self.stats.generated_tokens += 1
             path.token_ids.append(tok)
-            path.logprob += lp
+            path.token_logprobs.append(lp)
+            if d.confidence is not None:
+                path.token_confidences.append(d.confidence[r])
+            if p.top_logprobs:
+                path.top_logprobs.append(d.top(r, p.top_logprobs))
             reason = self.stop.check(path.token_ids)
             if reason is not None:
                 self.finish(path, reason)
@@ -341,8 +342,12 @@ class _Run:
         path.pages, path.reserved = [], 0
         self.windows -= 1
         s.running -= 1
-        s.results[path.index] = Completion(list(path.token_ids), self.stop.final_text(path.token_ids), reason,
-                                           path.logprob, finish_order=s.finished)
+        p = self.params
+        s.results[path.index] = Completion(
+            list(path.token_ids), self.stop.final_text(path.token_ids), reason, float(sum(path.token_logprobs)),
+            finish_order=s.finished, token_logprobs=list(path.token_logprobs),
+            token_confidences=list(path.token_confidences) if p.confidence_k else None,
+            top_logprobs=list(path.top_logprobs) if p.top_logprobs else None)
         s.finished += 1
         if reason != "cancelled" and not s.cancelled and self.early_stop is not None:
             done = sorted((c for c in s.results if c is not None and c.finish_reason != "cancelled"),

@@ -19,6 +19,13 @@ class SamplingParams:
     stop: strings that end a path (finish_reason "stop"); the text is cut before them.
     stop_token_ids: extra token ids that end a path; the model's EOS ids always
         do unless ignore_eos.
+    min_tokens: no EOS, stop token or stop string ends a path before it has this many
+        tokens (the stop tokens are masked out of its distribution until then).
+    top_logprobs: the k most likely tokens and their logprobs kept for every
+        generated token (Completion.top_logprobs; 0 = none).
+    confidence_k: DeepConf's token confidence -(1/k) * sum of the k largest
+        logprobs kept for every generated token (Completion.token_confidences;
+        0 = none; DeepConf uses 20).
     seed: seeds the engine's generator, so a call is reproducible; None = fresh randomness.
     speculate: "off", or "ngram": draft token trees from an n-gram table of the
         prompt and all its paths and verify them in one forward per step
@@ -38,6 +45,9 @@ class SamplingParams:
     stop: tuple[str, ...] = field(default_factory=tuple)
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
+    min_tokens: int = 0
+    top_logprobs: int = 0
+    confidence_k: int = 0
     seed: int | None = None
     speculate: str = "off"
     draft_budget: int = 24
@@ -62,6 +72,13 @@ class SamplingParams:
         m = self.max_new_tokens
         require(isinstance(m, int) and not isinstance(m, bool) and m >= 1, "max_new_tokens",
                 f"must be an int >= 1, got {m!r}")
+        for name in ("min_tokens", "top_logprobs", "confidence_k"):
+            v = getattr(self, name)
+            require(isinstance(v, int) and not isinstance(v, bool) and v >= 0, name, f"must be an int >= 0, got {v!r}")
+        require(self.min_tokens <= m, "min_tokens", f"{self.min_tokens} is more than max_new_tokens {m}")
+        asked = [n for n in ("min_tokens", "top_logprobs", "confidence_k") if getattr(self, n)]
+        require(self.speculate == "off" or not asked, "speculate",
+                f"speculative decoding does not compute {', '.join(asked)}; use speculate='off'")
         for s in self.stop:
             require(isinstance(s, str), "stop", f"stop strings must be str, got {type(s).__name__}")
             require(len(s) > 0, "stop", "an empty stop string would stop every path at once")

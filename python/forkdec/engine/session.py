@@ -28,6 +28,7 @@ import forkdec.ops as ops
 from forkdec.cache import StepBatch, make_attend, pick_backend
 from forkdec.engine.params import SamplingParams
 from forkdec.engine.stops import StopChecker
+from forkdec.engine.token_sampler import draw
 from forkdec.engine.tree_memory import Segment, TreeMemory
 from forkdec.engine.tree_plan import tree_levels
 from forkdec.validation import require
@@ -58,6 +59,8 @@ class TreePath:
     boundary: tuple[str, ...] = ()
     token_ids: list[int] = field(default_factory=list)
     token_logprobs: list[float] = field(default_factory=list)
+    token_confidences: list[float] = field(default_factory=list)              # params.confidence_k
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # params.top_logprobs
     logits: Tensor | None = None       # [V] fp32, the row the pending token was drawn from
     reserved: int = 0
     state: str = "running"             # "running", "paused", "finished"
@@ -92,6 +95,7 @@ class Session:
         self.memory = TreeMemory(self.alloc, self.page_size, self.cache.copy_prefix)
         self.fold_pages = fold_pages
         self.paths: dict[int, TreePath] = {}
+        self._next_id = 0  # path ids are never reused, even after forget()
         self.backend = pick_backend(self.cache.device)
         self.eos = engine.eos_ids()
         self.steps = 0
@@ -124,7 +128,30 @@ class Session:
     def pages_in_use(self) -> int:
         return self.alloc.num_used
 
+    @property
+    def pages_available(self) -> int:
+        """Pages a new start or fork can still reserve."""
+        return self.alloc.num_available
+
+    def pages_for(self, prompt_len: int, n: int, params: SamplingParams) -> int:
+        """Pages `start` reserves for n paths of a prompt of `prompt_len` tokens."""
+        return self._start_pages(prompt_len, n, params)[3]
+
+    def forget(self, path_id: int) -> None:
+        """Drop a finished path's record (a long-lived session, e.g. a server, forgets what it has read)."""
+        p = self.path(path_id)
+        require(not p.live, "path", f"path {path_id} is live; stop it first")
+        del self.paths[path_id]
+
     # ---- starting and forking -------------------------------------------------------------------
+    def _start_pages(self, prompt_len: int, n: int, params: SamplingParams) -> tuple[int, int, int, int]:
+        """(prompt pages, the first path's pages, each other path's, all of them) for `start`."""
+        ps = self.page_size
+        prompt_pages = -(-prompt_len // ps)
+        first = self._pages_needed(prompt_len % ps, params, 1)
+        others = first + (1 if prompt_len % ps else 0)
+        return prompt_pages, first, others, prompt_pages + first + (n - 1) * others
+
     def _pages_needed(self, rem: int, params: SamplingParams, generated: int) -> int:
         """New pages a leaf with `rem` rows on its partial page needs for every token it may
         still write (the last sampled token is never written)."""
@@ -160,12 +187,8 @@ class Session:
         require(len(ids) + params.max_new_tokens <= cfg.max_position_embeddings, "params",
                 f"prompt ({len(ids)} tokens) + max_new_tokens {params.max_new_tokens} exceeds the model's "
                 f"context {cfg.max_position_embeddings}")
-        ps = self.page_size
-        prompt_pages = -(-len(ids) // ps)
-        rem = len(ids) % ps
-        first = self._pages_needed(rem, params, 1)
-        others = first + (1 if rem else 0)
-        need = prompt_pages + first + (n - 1) * others
+        prompt_pages, first, others, need = self._start_pages(len(ids), n, params)
+        rem = len(ids) % self.page_size
         require(self.alloc.reserve(need), "n",
                 f"{n} paths of a {len(ids)}-token prompt need {need} pages of KV, "
                 f"{self.alloc.num_available} are free in the budget")
@@ -219,6 +242,7 @@ class Session:
         for i, (leaf, q) in enumerate(zip(leaves, plist)):
             c = self._new_path(parent.prompt_ids, leaf, q, self._generator(seeds[i]), parent.boundary)
             c.token_ids, c.token_logprobs = list(parent.token_ids), list(parent.token_logprobs)
+            c.token_confidences, c.top_logprobs = list(parent.token_confidences), list(parent.top_logprobs)
             c.logits, c.parent = parent.logits, parent.id
             c.segment_start = len(c.token_ids) - 1 if parent.state == "paused" else parent.segment_start
             c.reserved = parent.reserved if i == 0 else needs[i] - (1 if rem else 0)
@@ -294,10 +318,11 @@ class Session:
 
     def _new_path(self, prompt_ids, leaf, params, generator, boundary) -> TreePath:
         require(all(isinstance(b, str) and b for b in boundary), "boundary", "must be non-empty strings")
-        p = TreePath(len(self.paths), prompt_ids, leaf, params, generator,
+        p = TreePath(self._next_id, prompt_ids, leaf, params, generator,
                      StopChecker(params, self.eos, self.engine.tokenizer), tuple(boundary))
         leaf.owner = p
         self.paths[p.id] = p
+        self._next_id += 1
         return p
 
     def _take(self, p: TreePath) -> int:
@@ -322,18 +347,17 @@ class Session:
 
     def _sample(self, paths: list[TreePath], logits: Tensor, rows_are_paths: bool) -> list[StepEvent]:
         """Draw each path's next token from its row of `logits` with its own params and uniform."""
-        f32 = torch.float32
-        temp = torch.tensor([p.params.temperature for p in paths], dtype=f32)
-        top_p = torch.tensor([p.params.top_p for p in paths], dtype=f32)
-        min_p = torch.tensor([p.params.min_p for p in paths], dtype=f32)
-        top_k = torch.tensor([p.params.top_k for p in paths], dtype=torch.int64)
         uniforms = torch.cat([torch.rand(1, generator=p.generator) for p in paths])
-        tokens = ops.sample(logits, temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, uniforms=uniforms)
-        lps = (logits.gather(1, tokens[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)).tolist()
+        short = [p.stop.stop_ids if len(p.token_ids) < p.params.min_tokens else () for p in paths]
+        d = draw(logits, [p.params for p in paths], uniforms=uniforms, mask_ids=short)
         events = []
-        for r, (p, tok, lp) in enumerate(zip(paths, tokens.tolist(), lps)):
+        for r, (p, tok, lp) in enumerate(zip(paths, d.tokens, d.logprobs)):
             p.token_ids.append(tok)
             p.token_logprobs.append(lp)
+            if p.params.confidence_k:
+                p.token_confidences.append(d.confidence[r])
+            if p.params.top_logprobs:
+                p.top_logprobs.append(d.top(r, p.params.top_logprobs))
             p.logits = logits[r]
             ev = StepEvent(p.id, tok, lp)
             reason = p.stop.check(p.token_ids)

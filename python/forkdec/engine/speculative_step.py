@@ -183,7 +183,7 @@ class Speculator:
                 run.stats.generated_tokens += 1
                 emitted += 1
                 path.token_ids.append(tok)
-                path.logprob += lps[i + j]
+                path.token_logprobs.append(lps[i + j])
                 reason = run.stop.check(path.token_ids)
                 if reason is not None:
                     run.finish(path, reason)

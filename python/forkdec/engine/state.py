@@ -46,7 +46,9 @@ class PathState:
     pages: list[int] = field(default_factory=list)
     kv_len: int = 0                     # own tokens whose K/V are in `pages`
     token_ids: list[int] = field(default_factory=list)
-    logprob: float = 0.0
+    token_logprobs: list[float] = field(default_factory=list)
+    token_confidences: list[float] = field(default_factory=list)      # when params.confidence_k
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # when params.top_logprobs
     finished: bool = False
 
     @property

@@ -19,12 +19,15 @@ class StopChecker:
         self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_ids))
         self.stop = params.stop
         self.max_new = params.max_new_tokens
+        self.min_new = params.min_tokens
         self.tokenizer = tokenizer
         # A character is at most 4 bytes, so at most 4 byte-level tokens; +2 for a partial one on each side.
         self.window = 4 * max((len(s) for s in self.stop), default=0) + 2
 
     def check(self, ids: list[int]) -> str | None:
         """Finish reason after the path's latest token `ids[-1]`, or None to go on."""
+        if len(ids) < self.min_new:  # min_tokens: nothing but the budget ends a path before then
+            return "length" if len(ids) >= self.max_new else None
         if ids[-1] in self.stop_ids:
             return "stop"
         if self.stop:

@@ -56,13 +56,7 @@ def sample(logits: Tensor, *, temperature: Param = 1.0, top_k: int | Tensor = 0,
     if validation_enabled():
         _validate(logits, temperature, top_k, top_p, min_p, generator, seed, row_ids, check_nan)
     name = resolve(backend, "sample", logits.device, BACKENDS)
-    out_rows = logits.shape[0] if row_ids is None else row_ids.numel()
-    if uniforms is None:
-        uniforms = draw_uniforms(out_rows, logits.device, generator, seed)
-    elif validation_enabled():
-        require(generator is None and seed is None, "uniforms", "give uniforms or generator/seed, not both")
-        require(uniforms.shape == (out_rows,) and uniforms.dtype == torch.float32, "uniforms",
-                f"must be fp32 [{out_rows}], got {uniforms.dtype} {tuple(uniforms.shape)}")
+    uniforms = _uniforms(logits, row_ids, generator, seed, uniforms)
     if name == "reference":
         return reference.sample(logits, uniforms, temperature=temperature, top_k=top_k, top_p=top_p,
                                 min_p=min_p, row_ids=row_ids)
@@ -93,14 +87,14 @@ def sample_with_logprobs(logits: Tensor, *, top_logprobs: int | None = 20, tempe
                          top_k: int | Tensor = 0, top_p: Param = 1.0, min_p: Param = 0.0,
                          generator: torch.Generator | None = None, seed: int | None = None,
                          row_ids: Tensor | None = None, check_nan: bool = True,
-                         backend: str = "auto") -> SampleOutput:
+                         backend: str = "auto", uniforms: Tensor | None = None) -> SampleOutput:
     """`sample`, fused with the per-token signals of the drawn tokens.
 
     Same arguments and the same tokens as `sample` (same uniforms for the same
     generator / seed), plus top_logprobs: k in 1..V (DeepConf uses 20), or None
     for the token logprobs only. The kernels compute the signals in one pass
     over each row beyond what sampling reads (a streaming log-sum-exp and top-k
-    selection), once per row for the outputs that share it.
+    selection), once per row for the outputs that share it. uniforms: as for `sample`.
     """
     if validation_enabled():
         _validate(logits, temperature, top_k, top_p, min_p, generator, seed, row_ids, check_nan)
@@ -111,8 +105,7 @@ def sample_with_logprobs(logits: Tensor, *, top_logprobs: int | None = 20, tempe
                 f"must be in 1..vocab ({vocab}) or None, got {top_logprobs}")
     num_top = 0 if top_logprobs is None else int(top_logprobs)
     name = resolve(backend, "sample_with_logprobs", logits.device, BACKENDS)
-    out_rows = logits.shape[0] if row_ids is None else row_ids.numel()
-    uniforms = draw_uniforms(out_rows, logits.device, generator, seed)
+    uniforms = _uniforms(logits, row_ids, generator, seed, uniforms)
     if name == "reference":
         result = reference.sample_with_logprobs(logits, uniforms, num_top=num_top, temperature=temperature,
                                                 top_k=top_k, top_p=top_p, min_p=min_p, row_ids=row_ids)
@@ -122,6 +115,19 @@ def sample_with_logprobs(logits: Tensor, *, top_logprobs: int | None = 20, tempe
         result = op(*args, num_top)
     tokens, logprobs, top_lp, top_ids, confidence = result
     return SampleOutput(tokens, logprobs, top_lp, top_ids, confidence if num_top else None)
+
+
+def _uniforms(logits: Tensor, row_ids: Tensor | None, generator: torch.Generator | None, seed: int | None,
+              uniforms: Tensor | None) -> Tensor:
+    """The caller's uniforms (checked), or R fresh ones from generator / seed."""
+    out_rows = logits.shape[0] if row_ids is None else row_ids.numel()
+    if uniforms is None:
+        return draw_uniforms(out_rows, logits.device, generator, seed)
+    if validation_enabled():
+        require(generator is None and seed is None, "uniforms", "give uniforms or generator/seed, not both")
+        require(uniforms.shape == (out_rows,) and uniforms.dtype == torch.float32, "uniforms",
+                f"must be fp32 [{out_rows}], got {uniforms.dtype} {tuple(uniforms.shape)}")
+    return uniforms
 
 
 def draw_uniforms(rows: int, device: torch.device, generator: torch.Generator | None = None,

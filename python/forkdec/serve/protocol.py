@@ -75,12 +75,12 @@ class _Common(BaseModel):
         if self.logit_bias:
             raise RequestError("logit_bias", "is not supported by forkdec")
 
-    def sampling(self, max_tokens: int) -> SamplingParams:
+    def sampling(self, max_tokens: int, top_logprobs: int) -> SamplingParams:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         return SamplingParams(temperature=self.temperature, top_p=self.top_p,
                               top_k=max(self.top_k, 0), min_p=self.min_p, max_new_tokens=max_tokens, stop=stop,
                               stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos,
-                              seed=self.seed)
+                              min_tokens=self.min_tokens, top_logprobs=top_logprobs, seed=self.seed)
 
 
 class CompletionRequest(_Common):
@@ -137,6 +137,5 @@ class GenerationRequest:
     n: int
     params: SamplingParams
     logprobs: int | None
-    min_tokens: int
     first_index: int = 0  # index of this prompt's first choice in the response
     prompt_tokens_reused: int = 0  # set by the driver when the paths start: prompt tokens the prefix cache held

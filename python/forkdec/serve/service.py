@@ -69,11 +69,11 @@ class Service:
         if req.min_tokens > max_tokens:
             raise RequestError("min_tokens", f"{req.min_tokens} is more than max_tokens {max_tokens}")
         try:
-            params = req.sampling(max_tokens)
+            params = req.sampling(max_tokens, logprobs or 0)
         except ValueError as e:
             param = str(e).split(":", 1)[0]
             raise RequestError({"max_new_tokens": "max_tokens"}.get(param, param), str(e).split(":", 1)[-1].strip())
-        gen = GenerationRequest(prompt_ids, req.n, params, logprobs, req.min_tokens, first_index)
+        gen = GenerationRequest(prompt_ids, req.n, params, logprobs, first_index)
         why = self.driver.never_fits(gen)
         if why:
             raise RequestError("n" if req.n > 1 else "max_tokens", why, status=413)
