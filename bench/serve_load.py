@@ -24,6 +24,7 @@ class RequestTiming:
     completion_tokens: int = 0
     choices: int = 0
     error: str | None = None
+    follow_up: bool = False  # asked again for a choice the server left out of a request with n > 1
 
 
 @dataclass
@@ -39,11 +40,12 @@ class LoadResult:
 
     def summary(self) -> dict[str, float]:
         ok = self.ok
-        ttft = [t.first_token - t.start for t in ok if t.first_token is not None]
+        ttft = [t.first_token - t.start for t in ok if t.first_token is not None and not t.follow_up]
         gaps = [b - a for t in ok for ts in t.chunk_times.values() for a, b in zip(ts, ts[1:])]
         tokens = sum(t.completion_tokens for t in ok)
-        return {"requests": len(ok), "errors": len(self.timings) - len(ok), "seconds": self.seconds,
-                "requests_per_s": len(ok) / self.seconds, "tokens": tokens, "tokens_per_s": tokens / self.seconds,
+        asked = [t for t in ok if not t.follow_up]  # the requests the clients made, as a user sees them
+        return {"requests": len(asked), "errors": len(self.timings) - len(ok), "seconds": self.seconds,
+                "requests_per_s": len(asked) / self.seconds, "tokens": tokens, "tokens_per_s": tokens / self.seconds,
                 "ttft_p50": _pct(ttft, 50), "ttft_p90": _pct(ttft, 90),
                 "itl_p50": _pct(gaps, 50), "itl_p90": _pct(gaps, 90)}
 
@@ -71,8 +73,9 @@ async def _one(client: httpx.AsyncClient, url: str, body: dict) -> RequestTiming
                 for ch in chunk.get("choices", []):
                     index = ch.get("index", 0)
                     seen.add(index)
-                    if "role" in (ch.get("delta") or {}):
-                        continue  # the opening chunk of a chat stream carries no token
+                    delta = ch.get("delta") or {}
+                    if "role" in delta or (not delta.get("content") and ch.get("finish_reason")):
+                        continue  # a stream's opening chunk, or a closing one without text: no token
                     now = time.perf_counter()
                     t.first_token = t.first_token or now
                     t.chunk_times.setdefault(index, []).append(now)
@@ -102,7 +105,9 @@ async def _client(url: str, queue: asyncio.Queue, n: int, max_tokens: int, model
             for k in range(missing):  # a server that ignores n: ask again for each missing choice
                 if time.perf_counter() >= deadline:
                     break
-                out.append(await _one(client, url, {**body, "n": 1, "seed": seed * 1000 + k + 1}))
+                extra = await _one(client, url, {**body, "n": 1, "seed": seed * 1000 + k + 1})
+                extra.follow_up = True
+                out.append(extra)
 
 
 def run_load(url: str, model: str, questions: list[str], clients: int, n: int, max_tokens: int,
