@@ -26,14 +26,18 @@ from torch import Tensor
 
 import forkdec.ops as ops
 from forkdec.cache import StepBatch, make_attend, pick_backend
+from forkdec.cache.prefix_index import PrefixIndex
 from forkdec.engine.params import SamplingParams
 from forkdec.engine.stops import StopChecker
 from forkdec.engine.tree_memory import Segment, TreeMemory
 from forkdec.engine.tree_plan import tree_levels
+from forkdec.ops import CascadeLevel
 from forkdec.validation import require
 
-# Segments shorter than this many pages are folded into their children's groups (docs/engine.md).
-FOLD_PAGES = 1
+# Segments shorter than this many pages are folded into their children's groups: bench/tree.py
+# measured a 1-page segment folded 2% faster than its own level, 2-4 pages even, 8 pages with
+# 16 children 8% slower folded (docs/engine.md).
+FOLD_PAGES = 2
 
 
 @dataclass
@@ -79,9 +83,12 @@ class Session:
 
     engine: a forkdec.Engine (its model, tokenizer, cache kind and KV budget).
     fold_pages: segments with fewer pages are folded into their children's cascade groups.
+    prefix_cache: keep the whole pages of started prompts (forkdec.cache.prefix_index), so a
+        later `start` of a prompt extending one prefills only its new tokens; unused ones are
+        evicted least recently used when a start or fork needs pages.
     """
 
-    def __init__(self, engine, *, fold_pages: int = FOLD_PAGES) -> None:
+    def __init__(self, engine, *, fold_pages: int = FOLD_PAGES, prefix_cache: bool = True) -> None:
         require(not engine.kind.quantized, "kv",
                 f"{engine.kv!r}: forking paths over quantized caches is not supported yet; use an fp kind")
         require(isinstance(fold_pages, int) and fold_pages >= 0, "fold_pages", f"must be an int >= 0, got {fold_pages!r}")
@@ -90,6 +97,7 @@ class Session:
         self.cache = engine.kind.make(engine.model, engine.max_pages)
         self.alloc = self.cache.allocator
         self.memory = TreeMemory(self.alloc, self.page_size, self.cache.copy_prefix)
+        self.prefix = PrefixIndex(self.alloc, self.page_size) if prefix_cache else None
         self.fold_pages = fold_pages
         self.paths: dict[int, TreePath] = {}
         self.backend = pick_backend(self.cache.device)
@@ -98,6 +106,7 @@ class Session:
         self.kv_tokens_read = 0           # K/V tokens the last step's cascade read
         self.plan_seconds = 0.0           # metadata build time, all steps
         self.prefill_tokens = 0
+        self.reused_tokens = 0            # prompt tokens whose pages came from the prefix cache
 
     # ---- queries --------------------------------------------------------------------------------
     def path(self, path_id: int) -> TreePath:
@@ -165,12 +174,17 @@ class Session:
         rem = len(ids) % ps
         first = self._pages_needed(rem, params, 1)
         others = first + (1 if rem else 0)
-        need = prompt_pages + first + (n - 1) * others
-        require(self.alloc.reserve(need), "n",
-                f"{n} paths of a {len(ids)}-token prompt need {need} pages of KV, "
-                f"{self.alloc.num_available} are free in the budget")
-        root = self.memory.new_root([self.alloc.alloc() for _ in range(prompt_pages)], len(ids))
-        logits = self._prefill(ids, root)
+        cached = self.prefix.match(ids[:-1]) if self.prefix is not None else []
+        self.alloc.share(cached)  # held before any eviction below
+        need = prompt_pages - len(cached) + first + (n - 1) * others
+        if not self._reserve(need):
+            self.alloc.free(cached)
+            require(False, "n", f"{n} paths of a {len(ids)}-token prompt need {need} pages of KV, "
+                                f"{self.alloc.num_available} are free in the budget")
+        root = self.memory.new_root(cached + [self.alloc.alloc() for _ in range(prompt_pages - len(cached))], len(ids))
+        logits = self._prefill(ids, root, len(cached) * ps)
+        if self.prefix is not None:
+            self.prefix.insert(ids, root.pages)
         leaves = [root] if n == 1 else self.memory.fork(root, n, self.alloc.alloc)
         new = []
         for i, leaf in enumerate(leaves):
@@ -209,7 +223,7 @@ class Session:
         needs = [self._pages_needed(rem, q, generated) + (1 if rem else 0) for q in plist]
         own = self._pages_needed(rem, plist[0], generated)
         extra = sum(needs[1:]) + max(0, own - parent.reserved)
-        require(self.alloc.reserve(extra), "k",
+        require(self._reserve(extra), "k",
                 f"forking path {path_id} into {k} needs {extra} more pages of KV, "
                 f"{self.alloc.num_available} are free in the budget")
         self.alloc.release(max(0, parent.reserved - own))
@@ -300,24 +314,32 @@ class Session:
         self.paths[p.id] = p
         return p
 
+    def _reserve(self, count: int) -> bool:
+        """Reserve `count` pages, evicting unused cached prompt pages if that makes room."""
+        if count > self.alloc.num_available and self.prefix is not None:
+            self.prefix.evict(count - self.alloc.num_available)
+        return self.alloc.reserve(count)
+
     def _take(self, p: TreePath) -> int:
         assert p.reserved > 0, f"path {p.id} wrote past its reservation"
         p.reserved -= 1
         return self.alloc.alloc()
 
-    def _prefill(self, ids: list[int], root: Segment) -> Tensor:
+    def _prefill(self, ids: list[int], root: Segment, start: int) -> Tensor:
+        """Run ids[start:] (the first `start` are cached) through the model into the root's pages."""
         ps, n = self.page_size, len(ids)
-        from forkdec.ops import CascadeLevel
         pages = torch.tensor(root.pages, dtype=torch.int32)
-        pos = torch.arange(n)
-        level = CascadeLevel(torch.tensor([0, n], dtype=torch.int32), torch.tensor([0, len(root.pages)], dtype=torch.int32),
-                             pages, torch.tensor([n - (len(root.pages) - 1) * ps], dtype=torch.int32), causal=True)
-        batch = StepBatch(torch.tensor(ids, dtype=torch.int64), pos, pages.long()[pos // ps] * ps + pos % ps, [level],
-                          torch.tensor([n - 1]))
+        pos = torch.arange(start, n)
+        level = CascadeLevel(torch.tensor([0, n - start], dtype=torch.int32),
+                             torch.tensor([0, len(root.pages)], dtype=torch.int32), pages,
+                             torch.tensor([n - (len(root.pages) - 1) * ps], dtype=torch.int32), causal=True)
+        batch = StepBatch(torch.tensor(ids[start:], dtype=torch.int64), pos, pages.long()[pos // ps] * ps + pos % ps,
+                          [level], torch.tensor([n - start - 1]))
         with torch.inference_mode():
             attend = make_attend(batch, self.cache, prefill=True, backend=self.backend)
             logits = self.engine.model.forward(batch.tokens, batch.positions, attend, logits_rows=batch.logits_rows)
-        self.prefill_tokens += n
+        self.prefill_tokens += n - start
+        self.reused_tokens += start
         return logits[0].float()
 
     def _sample(self, paths: list[TreePath], logits: Tensor, rows_are_paths: bool) -> list[StepEvent]:
@@ -358,8 +380,10 @@ class Session:
             p.leaf = None
         p.logits = None
 
-    def close(self) -> None:
-        """Stop every live path; afterwards no page is held."""
+    def close(self, keep_prefix_cache: bool = False) -> None:
+        """Stop every live path; afterwards no page is held (but the prefix cache's, if kept)."""
         for p in list(self.paths.values()):
             if p.live:
                 self._finish(p, "stopped")
+        if self.prefix is not None and not keep_prefix_cache:
+            self.prefix.clear()
