@@ -68,7 +68,7 @@ def test_beam_search_equals_a_brute_force_reference(width, alpha, eos_bias):
     for b, (score, _, lp) in zip(got, want):
         assert b.cumulative_logprob == pytest.approx(lp, abs=1e-4)
         assert b.score == pytest.approx(score, abs=1e-4)
-    assert s.alloc.num_used == 0 and s.alloc.num_reserved == 0
+    assert s.alloc.num_used == s.prefix.num_pages and s.alloc.num_reserved == 0
 
 
 def reference_tree_search(model, prompt, branch, keep, params, boundary, score, max_steps, seed, max_new):
@@ -140,7 +140,7 @@ def test_tree_search_equals_a_plain_reference_of_the_same_policy():
     assert len(s.paths) > 12 and len(want) >= 4  # several rounds of branching happened
     assert [s.path(i).token_ids for _, i in got] == [ids for _, ids in want]
     assert [sc for sc, _ in got] == pytest.approx([sc for sc, _ in want], abs=1e-4)
-    assert s.alloc.num_used == 0 and s.alloc.num_reserved == 0
+    assert s.alloc.num_used == s.prefix.num_pages and s.alloc.num_reserved == 0
 
 
 def test_a_score_function_that_raises_is_a_value_error_and_the_session_stays_usable():
@@ -153,6 +153,6 @@ def test_a_score_function_that_raises_is_a_value_error_and_the_session_stays_usa
 
     with pytest.raises(ValueError, match="^score:"):
         tree_search(s, PROMPT, branch=2, keep=1, params=params, boundary=("e",), score=bad, chat=False)
-    assert s.alloc.num_used == 0 and s.alloc.num_reserved == 0
+    assert s.alloc.num_used == s.prefix.num_pages and s.alloc.num_reserved == 0
     got = beam_search(s, PROMPT, width=2, max_new_tokens=4, chat=False)
     assert len(got) == 2

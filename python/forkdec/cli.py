@@ -17,6 +17,7 @@ BENCH_AREAS: dict[str, str] = {
     "gpu-attention": "forkdec.bench.gpu_attention",
     "gpu-sampling": "forkdec.bench.gpu_sampling",
     "engine": "forkdec.bench.engine",
+    "tree": "forkdec.bench.tree",
     "model": "forkdec.bench.model",
     "speculative-verify": "forkdec.bench.speculative_verify",
     "speculative": "forkdec.bench.speculative",

@@ -152,6 +152,10 @@ class Engine:
         return [[c for c in s.results] for s in states]  # type: ignore[misc]
 
     def _cache_for(self, pages: int) -> PagedKVCache:
+        if self.use_prefix_cache and str(getattr(self.model, "device", "cpu")) == "cpu":
+            # On CPU untouched pages are never committed (pages are handed out low ids first), so the
+            # cache takes the whole budget at once and is never replaced: what it keeps stays valid.
+            pages = max(pages, self.max_pages)
         if self.cache is None or self.cache.num_pages < pages:
             self.cache = self.prefix = None  # drop the old cache (and what it kept) before allocating its successor
             self.cache = self.kind.make(self.model, pages, max_window_slots=self.max_window_slots)
@@ -250,6 +254,10 @@ class _Run:
                 prompt_pages = -(-len(s.token_ids) // ps)
                 # whole pages of a cached prefix (the last token is always prefilled: its logits are needed)
                 cached = self.prefix.match(s.token_ids[:-1]) if self.prefix is not None else []
+                if new_prompts and self._extends_pending(s, len(cached), new_prompts):
+                    self.prefill(new_prompts)  # prefill the earlier prompt first, so this one reuses its pages
+                    new_prompts = []
+                    cached = self.prefix.match(s.token_ids[:-1])
                 self.alloc.share(cached)  # held before reserve(), so its eviction cannot take them
                 if not self.reserve(prompt_pages - len(cached) + self.path_pages, windows=2):
                     self.alloc.free(cached)
@@ -270,6 +278,15 @@ class _Run:
         if new_paths:
             self.first_tokens(new_paths)
         return len(new_paths)
+
+    def _extends_pending(self, s: PromptState, cached_pages: int, pending: list[PromptState]) -> bool:
+        """Whether a prompt about to be prefilled in this batch holds the next whole page of `s`."""
+        ps = self.e.page_size
+        lo, hi = cached_pages * ps, (cached_pages + 1) * ps
+        if len(s.token_ids) - 1 < hi:
+            return False
+        page = s.token_ids[lo:hi]
+        return any(len(p.token_ids) >= hi and p.token_ids[lo:hi] == page for p in pending)
 
     def prefill(self, prompts: list[PromptState]) -> None:
         t = time.perf_counter()

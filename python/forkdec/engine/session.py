@@ -26,15 +26,19 @@ from torch import Tensor
 
 import forkdec.ops as ops
 from forkdec.cache import StepBatch, make_attend, pick_backend
+from forkdec.cache.prefix_index import PrefixIndex
 from forkdec.engine.params import SamplingParams
 from forkdec.engine.stops import StopChecker
 from forkdec.engine.token_sampler import draw
 from forkdec.engine.tree_memory import Segment, TreeMemory
 from forkdec.engine.tree_plan import tree_levels
+from forkdec.ops import CascadeLevel
 from forkdec.validation import require
 
-# Segments shorter than this many pages are folded into their children's groups (docs/engine.md).
-FOLD_PAGES = 1
+# Segments shorter than this many pages are folded into their children's groups: bench/tree.py
+# measured a 1-page segment folded 2% faster than its own level, 2-4 pages even, 8 pages with
+# 16 children 8% slower folded (docs/engine.md).
+FOLD_PAGES = 2
 
 
 @dataclass
@@ -82,9 +86,12 @@ class Session:
 
     engine: a forkdec.Engine (its model, tokenizer, cache kind and KV budget).
     fold_pages: segments with fewer pages are folded into their children's cascade groups.
+    prefix_cache: keep the whole pages of started prompts (forkdec.cache.prefix_index), so a
+        later `start` of a prompt extending one prefills only its new tokens; unused ones are
+        evicted least recently used when a start or fork needs pages.
     """
 
-    def __init__(self, engine, *, fold_pages: int = FOLD_PAGES) -> None:
+    def __init__(self, engine, *, fold_pages: int = FOLD_PAGES, prefix_cache: bool = True) -> None:
         require(not engine.kind.quantized, "kv",
                 f"{engine.kv!r}: forking paths over quantized caches is not supported yet; use an fp kind")
         require(isinstance(fold_pages, int) and fold_pages >= 0, "fold_pages", f"must be an int >= 0, got {fold_pages!r}")
@@ -93,6 +100,7 @@ class Session:
         self.cache = engine.kind.make(engine.model, engine.max_pages)
         self.alloc = self.cache.allocator
         self.memory = TreeMemory(self.alloc, self.page_size, self.cache.copy_prefix)
+        self.prefix = PrefixIndex(self.alloc, self.page_size) if prefix_cache else None
         self.fold_pages = fold_pages
         self.paths: dict[int, TreePath] = {}
         self._next_id = 0  # path ids are never reused, even after forget()
@@ -102,6 +110,7 @@ class Session:
         self.kv_tokens_read = 0           # K/V tokens the last step's cascade read
         self.plan_seconds = 0.0           # metadata build time, all steps
         self.prefill_tokens = 0
+        self.reused_tokens = 0            # prompt tokens whose pages came from the prefix cache
 
     # ---- queries --------------------------------------------------------------------------------
     def path(self, path_id: int) -> TreePath:
@@ -130,8 +139,9 @@ class Session:
 
     @property
     def pages_available(self) -> int:
-        """Pages a new start or fork can still reserve."""
-        return self.alloc.num_available
+        """Pages a new start or fork can still reserve, cached prompt pages nobody uses included
+        (they are evicted to make room)."""
+        return self.alloc.num_available + (self.prefix.evictable() if self.prefix is not None else 0)
 
     def pages_for(self, prompt_len: int, n: int, params: SamplingParams) -> int:
         """Pages `start` reserves for n paths of a prompt of `prompt_len` tokens."""
@@ -187,13 +197,20 @@ class Session:
         require(len(ids) + params.max_new_tokens <= cfg.max_position_embeddings, "params",
                 f"prompt ({len(ids)} tokens) + max_new_tokens {params.max_new_tokens} exceeds the model's "
                 f"context {cfg.max_position_embeddings}")
-        prompt_pages, first, others, need = self._start_pages(len(ids), n, params)
-        rem = len(ids) % self.page_size
-        require(self.alloc.reserve(need), "n",
-                f"{n} paths of a {len(ids)}-token prompt need {need} pages of KV, "
-                f"{self.alloc.num_available} are free in the budget")
-        root = self.memory.new_root([self.alloc.alloc() for _ in range(prompt_pages)], len(ids))
-        logits = self._prefill(ids, root)
+        ps = self.page_size
+        prompt_pages, first, others, _ = self._start_pages(len(ids), n, params)
+        rem = len(ids) % ps
+        cached = self.prefix.match(ids[:-1]) if self.prefix is not None else []
+        self.alloc.share(cached)  # held before any eviction below
+        need = prompt_pages - len(cached) + first + (n - 1) * others
+        if not self._reserve(need):
+            self.alloc.free(cached)
+            require(False, "n", f"{n} paths of a {len(ids)}-token prompt need {need} pages of KV, "
+                                f"{self.alloc.num_available} are free in the budget")
+        root = self.memory.new_root(cached + [self.alloc.alloc() for _ in range(prompt_pages - len(cached))], len(ids))
+        logits = self._prefill(ids, root, len(cached) * ps)
+        if self.prefix is not None:
+            self.prefix.insert(ids, root.pages)
         leaves = [root] if n == 1 else self.memory.fork(root, n, self.alloc.alloc)
         new = []
         for i, leaf in enumerate(leaves):
@@ -232,7 +249,7 @@ class Session:
         needs = [self._pages_needed(rem, q, generated) + (1 if rem else 0) for q in plist]
         own = self._pages_needed(rem, plist[0], generated)
         extra = sum(needs[1:]) + max(0, own - parent.reserved)
-        require(self.alloc.reserve(extra), "k",
+        require(self._reserve(extra), "k",
                 f"forking path {path_id} into {k} needs {extra} more pages of KV, "
                 f"{self.alloc.num_available} are free in the budget")
         self.alloc.release(max(0, parent.reserved - own))
@@ -325,24 +342,32 @@ class Session:
         self._next_id += 1
         return p
 
+    def _reserve(self, count: int) -> bool:
+        """Reserve `count` pages, evicting unused cached prompt pages if that makes room."""
+        if count > self.alloc.num_available and self.prefix is not None:
+            self.prefix.evict(count - self.alloc.num_available)
+        return self.alloc.reserve(count)
+
     def _take(self, p: TreePath) -> int:
         assert p.reserved > 0, f"path {p.id} wrote past its reservation"
         p.reserved -= 1
         return self.alloc.alloc()
 
-    def _prefill(self, ids: list[int], root: Segment) -> Tensor:
+    def _prefill(self, ids: list[int], root: Segment, start: int) -> Tensor:
+        """Run ids[start:] (the first `start` are cached) through the model into the root's pages."""
         ps, n = self.page_size, len(ids)
-        from forkdec.ops import CascadeLevel
         pages = torch.tensor(root.pages, dtype=torch.int32)
-        pos = torch.arange(n)
-        level = CascadeLevel(torch.tensor([0, n], dtype=torch.int32), torch.tensor([0, len(root.pages)], dtype=torch.int32),
-                             pages, torch.tensor([n - (len(root.pages) - 1) * ps], dtype=torch.int32), causal=True)
-        batch = StepBatch(torch.tensor(ids, dtype=torch.int64), pos, pages.long()[pos // ps] * ps + pos % ps, [level],
-                          torch.tensor([n - 1]))
+        pos = torch.arange(start, n)
+        level = CascadeLevel(torch.tensor([0, n - start], dtype=torch.int32),
+                             torch.tensor([0, len(root.pages)], dtype=torch.int32), pages,
+                             torch.tensor([n - (len(root.pages) - 1) * ps], dtype=torch.int32), causal=True)
+        batch = StepBatch(torch.tensor(ids[start:], dtype=torch.int64), pos, pages.long()[pos // ps] * ps + pos % ps,
+                          [level], torch.tensor([n - start - 1]))
         with torch.inference_mode():
             attend = make_attend(batch, self.cache, prefill=True, backend=self.backend)
             logits = self.engine.model.forward(batch.tokens, batch.positions, attend, logits_rows=batch.logits_rows)
-        self.prefill_tokens += n
+        self.prefill_tokens += n - start
+        self.reused_tokens += start
         return logits[0].float()
 
     def _sample(self, paths: list[TreePath], logits: Tensor, rows_are_paths: bool) -> list[StepEvent]:
@@ -382,8 +407,10 @@ class Session:
             p.leaf = None
         p.logits = None
 
-    def close(self) -> None:
-        """Stop every live path; afterwards no page is held."""
+    def close(self, keep_prefix_cache: bool = False) -> None:
+        """Stop every live path; afterwards no page is held (but the prefix cache's, if kept)."""
         for p in list(self.paths.values()):
             if p.live:
                 self._finish(p, "stopped")
+        if self.prefix is not None and not keep_prefix_cache:
+            self.prefix.clear()

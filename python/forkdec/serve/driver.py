@@ -29,7 +29,9 @@ class EngineDriver:
         return self.session.pages_for(len(r.prompt_ids), r.n, r.params) <= self.session.pages_available
 
     def start(self, r: GenerationRequest) -> list[int]:
+        before = self.session.reused_tokens
         ids = self.session.start(r.prompt_ids, r.n, r.params, chat=False)
+        r.prompt_tokens_reused = self.session.reused_tokens - before
         self.pending += [self._event(pid) for pid in ids]
         return ids
 
@@ -59,4 +61,4 @@ class EngineDriver:
         return self.session.cache.bytes_used
 
     def prompt_tokens_reused(self) -> int:
-        return getattr(self.session, "prompt_tokens_reused", 0)
+        return self.session.reused_tokens
