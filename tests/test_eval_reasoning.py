@@ -138,3 +138,18 @@ def test_score_confidences_agree_with_the_engines_own_logprobs():
         assert len(lps) == len(conf) == len(path.token_ids)
         assert math.isclose(sum(lps), path.cumulative_logprob, abs_tol=0.02 * len(lps)), (sum(lps), path)
         assert all(c > 0 for c in conf) and all(lp <= 0 for lp in lps)
+
+
+def test_reasoning_report_renders_a_table_and_a_plot(tmp_path):
+    from forkdec.bench import reasoning as report
+    from forkdec.eval.reasoning import ReasoningResult, Tally
+
+    t = Tally(correct=3, questions=4, generated_tokens=400, seconds=2.0)
+    r = ReasoningResult({"questions": 4, "budgets": [8], "strategies": ["majority"], "temperature": 0.7,
+                         "top_p": 1.0, "top_k": 0, "max_new_tokens": 96, "seed": 0, "window": 32,
+                         "confidence_k": 20, "prompt": "{question}", "data": "arith"}, {"majority": {8: t}})
+    f = tmp_path / "r.json"
+    f.write_text(json.dumps(r.as_dict()))
+    assert report.run([str(f), "--out", str(tmp_path)]) == 0
+    md = (tmp_path / "reasoning.md").read_text()
+    assert "| majority | 8 | 0.75 (3/4" in md and (tmp_path / "reasoning.png").stat().st_size > 0
