@@ -294,8 +294,9 @@ def format_table(result: ReasoningResult) -> str:
         for n, t in by_n.items():
             d = t.as_dict()
             q = max(1, t.questions)
+            estimated = " (est.)" if t.seconds_estimated else ""
             lines.append(f"| {s} | {n} | {d['accuracy']:.3f} ({t.correct}/{t.questions}) | "
-                         f"{t.generated_tokens / q:.1f} | {t.seconds / q:.2f}{' (est.)' if t.seconds_estimated else ''} |")
+                         f"{t.generated_tokens / q:.1f} | {t.seconds / q:.2f}{estimated} |")
     return "\n".join(lines)
 
 
