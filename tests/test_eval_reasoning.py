@@ -153,3 +153,15 @@ def test_reasoning_report_renders_a_table_and_a_plot(tmp_path):
     assert report.run([str(f), "--out", str(tmp_path)]) == 0
     md = (tmp_path / "reasoning.md").read_text()
     assert "| majority | 8 | 0.75 (3/4" in md and (tmp_path / "reasoning.png").stat().st_size > 0
+
+
+def test_replay_first_finish_charges_each_path_up_to_the_kth_end():
+    from forkdec.eval.reasoning import replay_first_finish
+
+    paths = [FakeCompletion(f"#### {a}", [0] * n, r, 0.0, -1, [1.0] * n)
+             for a, n, r in ((1, 30, "stop"), (2, 10, "stop"), (2, 50, "length"), (3, 20, "stop"))]
+    vote, tokens = replay_first_finish(paths, 2)  # the 2nd natural end is at 20 tokens
+    assert tokens == 20 + 10 + 20 + 20
+    assert vote.answer in ("2", "3") and set(vote.considered) == {1, 3}
+    vote, tokens = replay_first_finish(paths, 4)  # only 3 end naturally: nothing is cut
+    assert tokens == 110

@@ -39,8 +39,8 @@ from forkdec.validation import require
 # The bare question: asking SmolLM2-135M for a "#### N" line made it repeat that line to the token limit.
 PROMPT = "{question}"
 SAMPLED = ("majority", "best-logprob", "deepconf-low", "deepconf-high", "deepconf-online-low",
-           "deepconf-online-high")
-KNOWN = SAMPLED + ("first-finish", "greedy")
+           "deepconf-online-high", "first-finish-replay")
+KNOWN = SAMPLED + ("first-finish", "greedy")  # first-finish-replay: see replay_first_finish
 CONFIDENCE_K = 20
 
 
@@ -248,7 +248,11 @@ def evaluate(engine, questions: Sequence[Question], strategies: Sequence[str], b
                     paths, spent = _paths_with_signals(engine, engine.encode(prompts[qi]), completions)
                     scoring += spent
                 for s in strategies:
-                    if s.startswith("deepconf-online"):
+                    if s == "first-finish-replay":
+                        vote, replay_tokens = replay_first_finish(completions, max(1, n // 4))
+                        _add(tallies[s][n], vote.answer == q.answer, replay_tokens, estimated=True)
+                        online_tokens[s] += replay_tokens
+                    elif s.startswith("deepconf-online"):
                         keep = 10.0 if s.endswith("low") else 90.0
                         r = simulate_online(paths, warmup=min(n, max(2, n // 4)), keep=keep, window=window)
                         _add(tallies[s][n], r.vote.answer == q.answer, r.generated_tokens, estimated=True)
@@ -259,7 +263,8 @@ def evaluate(engine, questions: Sequence[Question], strategies: Sequence[str], b
                         _add(tallies[s][n], vote.answer == q.answer, tokens)
             for s in strategies:
                 if s in SAMPLED:
-                    share = online_tokens[s] / max(1, all_tokens) if s.startswith("deepconf-online") else 1.0
+                    replayed = s.startswith("deepconf-online") or s == "first-finish-replay"
+                    share = online_tokens[s] / max(1, all_tokens) if replayed else 1.0
                     tallies[s][n].seconds += seconds * share
             note(f"n={n}: {all_tokens} tokens in {seconds:.1f} s; "
                  + ", ".join(f"{s} {tallies[s][n].correct}/{len(questions)}" for s in strategies if s in SAMPLED))
@@ -278,6 +283,25 @@ def evaluate(engine, questions: Sequence[Question], strategies: Sequence[str], b
               "max_new_tokens": params.max_new_tokens, "seed": params.seed, "window": window,
               "confidence_k": CONFIDENCE_K, "prompt": PROMPT}
     return ReasoningResult(config, tallies, scoring)
+
+
+def replay_first_finish(paths: Sequence, k: int):
+    """first-finish(k) replayed on paths decoded in full in one lockstep batch:
+    the prompt stops at the step L where its k-th path ends naturally, so path i
+    costs min(len_i, L) tokens and the paths longer than L count as cancelled.
+    Returns (vote, tokens). Exact for the engine's batch when all n paths are
+    admitted at once (they decode one token per step together)."""
+    from types import SimpleNamespace
+
+    ends = sorted(len(p.token_ids) for p in paths if p.finish_reason == "stop")
+    limit = ends[k - 1] if len(ends) >= k else math.inf
+    rank = {i: r for r, i in enumerate(sorted(range(len(paths)), key=lambda i: (len(paths[i].token_ids), i)))}
+    replayed = [SimpleNamespace(text=p.text, token_ids=p.token_ids, cumulative_logprob=p.cumulative_logprob,
+                                finish_order=rank[i],
+                                finish_reason=p.finish_reason if len(p.token_ids) <= limit else "cancelled")
+                for i, p in enumerate(paths)]
+    tokens = sum(min(len(p.token_ids), limit) for p in paths)
+    return first_finish(replayed, k), int(tokens)
 
 
 def _add(t: Tally, ok: bool, tokens: int, estimated: bool = False) -> None:
