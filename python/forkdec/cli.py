@@ -13,6 +13,7 @@ BENCH_AREAS: dict[str, str] = {
     "softmax": "forkdec.bench.softmax",
     "attention": "forkdec.bench.attention",
     "sampling": "forkdec.bench.sampling",
+    "sampling-signals": "forkdec.bench.sampling_signals",
     "gpu-softmax": "forkdec.bench.gpu_softmax",
     "gpu-attention": "forkdec.bench.gpu_attention",
     "gpu-sampling": "forkdec.bench.gpu_sampling",

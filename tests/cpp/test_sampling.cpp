@@ -215,6 +215,42 @@ void check_isas_agree(std::mt19937& rng) {
 
 }  // namespace
 
+// row_signals against long double: log-sum-exp within 1e-5 (relative to its
+// size, at least 1), the top k by value descending and lower id on ties, -inf
+// logits filling in after the finite ones.
+void check_signals(std::mt19937& rng, int64_t vocab, int64_t k, double neg_inf_fraction) {
+  fc::SampleWorkspace ws;
+  const Row row = make_row(rng, vocab, neg_inf_fraction);
+  const std::vector<float>& x = row.values;
+  const float top = *std::max_element(x.begin(), x.end());
+  long double sum = 0;
+  for (float v : x) sum += std::exp(static_cast<long double>(v) - top);
+  const long double lse = top + std::log(sum);
+  std::vector<int64_t> order(vocab);
+  for (int64_t i = 0; i < vocab; ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return x[a] > x[b]; });
+  for (fc::DType d : {fc::DType::f32, fc::DType::f16, fc::DType::bf16}) {
+    float got = 0;
+    std::vector<float> values(k);
+    std::vector<int64_t> ids(k);
+    fc::row_signals(row.data(d), d, vocab, k, &got, values.data(), ids.data(), ws);
+    ++g_checked;
+    char what[120];
+    std::snprintf(what, sizeof what, "row_signals %s V=%lld k=%lld isa=%s", name(d), static_cast<long long>(vocab),
+                  static_cast<long long>(k), fc::isa_name(fc::current_isa()));
+    if (top == -kInf ? got != -kInf : !(std::fabs(got - lse) <= 1e-5L * std::max<long double>(1, std::fabs(lse)))) {
+      fail(std::string(what) + ": lse " + std::to_string(got) + " vs " + std::to_string(static_cast<double>(lse)));
+    }
+    for (int64_t j = 0; j < k; ++j) {
+      if (ids[j] != order[j] || values[j] != x[order[j]]) {
+        fail(std::string(what) + ": top " + std::to_string(j) + " is id " + std::to_string(ids[j]) + ", expected " +
+             std::to_string(order[j]));
+        break;
+      }
+    }
+  }
+}
+
 int main() {
   std::mt19937 rng(20261130);
   const std::vector<fc::Isa> isas = fc::available_isas();
@@ -229,6 +265,10 @@ int main() {
             fc::SampleParams{0.8f, 20, 0.7f, 0.05f}, fc::SampleParams{1.0f, 1, 1.0f, 0.0f}}) {
         check_against_model(rng, vocab, p, 0.0);
         check_against_model(rng, vocab, p, 0.5);
+      }
+      for (int64_t k : {int64_t{0}, int64_t{1}, std::min<int64_t>(20, vocab), vocab}) {
+        check_signals(rng, vocab, k, 0.0);
+        check_signals(rng, vocab, k, 0.7);
       }
     }
   }

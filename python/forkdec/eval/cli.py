@@ -1,4 +1,5 @@
-"""`forkdec eval ppl --kv KIND --data PATH [--windows N --window 2048 --chunk 128]`.
+"""`forkdec eval ppl --kv KIND --data PATH [--windows N --window 2048 --chunk 128]` and
+`forkdec eval reasoning --data PATH|arith --strategies majority,greedy,... --n 8,32 [--json PATH]`.
 
 Prints one progress line per window on stderr and the result on stdout. User
 errors raise ValueError naming the option; `forkdec.cli.main` prints it as one
@@ -32,12 +33,64 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def reasoning_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="forkdec eval reasoning",
+                      description="Accuracy, generated tokens and time of answer-selection strategies.")
+    p.add_argument("--data", required=True, help="JSONL with question/answer fields (e.g. GSM8K test.jsonl), "
+                   "or arith / arith:STEPS for the generated arithmetic word problems")
+    p.add_argument("--strategies", default="majority,first-finish,best-logprob,greedy",
+                   help="comma-separated: majority, first-finish, best-logprob, greedy, deepconf-low, "
+                   "deepconf-high, deepconf-online-low, deepconf-online-high")
+    p.add_argument("--n", default="8,32", help="comma-separated path budgets (default 8,32)")
+    p.add_argument("--limit", type=int, default=None, help="first N questions (default: all; arith: 100)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--data-seed", type=int, default=None, help="arith generator seed (default: the module's)")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--window", type=int, default=32, help="DeepConf group window in tokens (default 32)")
+    p.add_argument("--model", metavar="PATH", help="GGUF file or HF folder (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="compute dtype (default: the engine's)")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    return p
+
+
+def run_reasoning(argv: list[str]) -> int:
+    from forkdec.engine.cli import load
+    from forkdec.engine.engine import Engine
+    from forkdec.engine.params import SamplingParams
+    from forkdec.eval.reasoning import evaluate, format_table, load_questions, parse_budgets, parse_strategies
+
+    args = reasoning_parser().parse_args(argv)
+    strategies = parse_strategies(args.strategies)
+    budgets = parse_budgets(args.n)
+    require(args.window >= 1, "window", f"must be >= 1, got {args.window}")
+    questions = load_questions(args.data, args.limit, args.data_seed)
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                            seed=args.seed)
+    model, tokenizer = load(args.model, DTYPES.get(args.dtype) if args.dtype else None)
+    engine = Engine(model, tokenizer=tokenizer)
+    result = evaluate(engine, questions, strategies, budgets, params, window=args.window,
+                      progress=lambda line: print(line, file=sys.stderr, flush=True))
+    result.config["data"] = args.data
+    print(format_table(result))
+    if result.scoring_seconds:
+        print(f"(DeepConf confidences from a scoring pass: {result.scoring_seconds:.1f} s, not charged)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result.as_dict(), f, indent=1)
+    return 0
+
+
 def run(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: forkdec eval ppl --kv KIND --data PATH [--windows N --window 2048 --chunk 128]",
+        print("usage: forkdec eval ppl --kv KIND --data PATH [--windows N --window 2048 --chunk 128]\n"
+              "       forkdec eval reasoning --data PATH|arith --strategies majority,... --n 8,32 [--json PATH]",
               file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
-    require(argv[0] == "ppl", "task", f"unknown evaluation {argv[0]!r}; expected ppl")
+    require(argv[0] in ("ppl", "reasoning"), "task", f"unknown evaluation {argv[0]!r}; expected ppl or reasoning")
+    if argv[0] == "reasoning":
+        return run_reasoning(argv[1:])
     args = parser().parse_args(argv[1:])
     from forkdec.engine.cli import load
     from forkdec.eval.ppl import perplexity, read_tokens

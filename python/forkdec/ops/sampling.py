@@ -111,7 +111,8 @@ def sample_with_logprobs(logits: Tensor, *, top_logprobs: int | None = 20, tempe
                                                 top_k=top_k, top_p=top_p, min_p=min_p, row_ids=row_ids)
     else:
         args = _kernel_args(logits, uniforms, row_ids, temperature, top_k, top_p, min_p)
-        op = torch.ops.forkdec.sample_with_logprobs_triton if name == "triton" else torch.ops.forkdec.sample_with_logprobs
+        ops = torch.ops.forkdec
+        op = ops.sample_with_logprobs_triton if name == "triton" else ops.sample_with_logprobs
         result = op(*args, num_top)
     tokens, logprobs, top_lp, top_ids, confidence = result
     return SampleOutput(tokens, logprobs, top_lp, top_ids, confidence if num_top else None)
