@@ -12,6 +12,7 @@ BENCH_AREAS: dict[str, str] = {
     "softmax": "forkdec.bench.softmax",
     "attention": "forkdec.bench.attention",
     "sampling": "forkdec.bench.sampling",
+    "gpu": "forkdec.bench.gpu_all",  # every kernel test on CUDA, then every gpu-* benchmark, one report
     "gpu-softmax": "forkdec.bench.gpu_softmax",
     "gpu-attention": "forkdec.bench.gpu_attention",
     "gpu-sampling": "forkdec.bench.gpu_sampling",
