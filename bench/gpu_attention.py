@@ -31,7 +31,7 @@ from typing import Callable, Optional
 
 import torch
 
-from forkdec.bench.gpu_common import device_bandwidth
+from forkdec.bench.gpu_common import device_bandwidth, nominal_peaks
 import torch.nn.functional as F
 
 from forkdec import reference
@@ -41,9 +41,6 @@ from forkdec.testing import Forest, random_forest
 SMOLLM2 = dict(hq=9, hkv=3, d=64)
 LLAMA3_8B = dict(hq=32, hkv=8, d=128)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-# Nominal peaks: (substring of the device name, min memory GiB, HBM GB/s, dense bf16 TFLOP/s).
-PEAKS = [("H100 80GB HBM3", 0, 3350, 989), ("H100 SXM", 0, 3350, 989), ("H100 PCIe", 0, 2000, 756),
-         ("A100", 60, 2039, 312), ("A100", 0, 1555, 312)]
 FLASH_ATTN_PAGE = 256  # flash_attn_with_kvcache needs pages of a multiple of 256 tokens
 
 Impl = Callable[[], torch.Tensor]
@@ -75,6 +72,8 @@ CASES = [
     tree_case("tree SmolLM2 8 x 64 nodes over 2048", SMOLLM2, 8, 64, 2048),
     tree_case("tree Llama-3-8B 8 x 64 nodes over 2048", LLAMA3_8B, 8, 64, 2048),
 ]
+# The reduced set `forkdec bench gpu` runs: one decode and one tree case.
+QUICK_CASES = ("decode Llama-3-8B 16 paths, 2048 prompt + 128 own", "tree SmolLM2 8 x 64 nodes over 2048")
 DRY_RUN_CASES = [
     decode_case("tiny decode", dict(hq=4, hkv=2, d=32), 3, 40, 8),
     tree_case("tiny tree", dict(hq=4, hkv=2, d=32), 2, 6, 20),
@@ -312,14 +311,6 @@ def dry_run(cases: list[Case], dtype_name: str) -> int:
     return 0
 
 
-def nominal_peaks(name: str, memory_bytes: int) -> tuple[Optional[float], Optional[float]]:
-    """(GB/s, bf16 TFLOP/s) of the table for a device name, or (None, None)."""
-    for key, min_gib, gbs, tflops in PEAKS:
-        if key in name and memory_bytes >= min_gib * 2**30:
-            return float(gbs), float(tflops)
-    return None, None
-
-
 def measure(cases: list[Case], dtype_name: str, out_dir: Optional[str]) -> int:
     from triton.testing import do_bench
 
@@ -379,12 +370,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     parser.add_argument("--out", help="results folder (default: bench/results in a checkout)")
     parser.add_argument("--dry-run", action="store_true", help="no GPU: check the plumbing on tiny CPU inputs")
+    parser.add_argument("--quick", action="store_true", help="only the cases of QUICK_CASES (forkdec bench gpu)")
     args = parser.parse_args(argv)
+    cases = [c for c in CASES if c.name in QUICK_CASES] if args.quick else CASES
     if args.dry_run:
-        return dry_run(CASES, args.dtype)
+        return dry_run(cases, args.dtype)
     if not torch.cuda.is_available():
         raise SystemExit("gpu_attention: no CUDA device (use --dry-run to check the plumbing)")
-    return measure(CASES, args.dtype, args.out)
+    return measure(cases, args.dtype, args.out)
 
 
 run = main  # `forkdec bench <area>` calls run(argv)

@@ -6,16 +6,25 @@ from typing import Any, Callable, Optional
 
 import torch
 
-# Nominal memory bandwidth, GB/s: (substring of the device name, min memory GiB, GB/s).
-PEAK_GBS = [("H100 80GB HBM3", 0, 3350), ("H100 SXM", 0, 3350), ("A100", 60, 2039), ("A100", 0, 1555)]
+# Nominal peaks from the vendors' data sheets: (substring of the device name as
+# torch reports it, min memory GiB, HBM GB/s, dense bf16 tensor-core TFLOP/s).
+# First match wins, so the more specific names come first.
+PEAKS = [("H200", 0, 4800, 989), ("H100 NVL", 0, 3900, 835), ("H100 PCIe", 0, 2000, 756),
+         ("H100 80GB HBM3", 0, 3350, 989), ("H100 SXM", 0, 3350, 989),
+         ("A100", 60, 2039, 312), ("A100", 0, 1555, 312)]
+
+
+def nominal_peaks(name: str, memory_bytes: int) -> tuple[Optional[float], Optional[float]]:
+    """(GB/s, bf16 TFLOP/s) of the table for a device name, or (None, None)."""
+    for key, min_gib, gbs, tflops in PEAKS:
+        if key in name and memory_bytes >= min_gib * 2**30:
+            return float(gbs), float(tflops)
+    return None, None
 
 
 def nominal_peak_gbs(name: str, memory_bytes: int) -> Optional[float]:
     """The table's peak GB/s for a device name, or None if the device is not in it."""
-    for key, min_gib, gbs in PEAK_GBS:
-        if key in name and memory_bytes >= min_gib * 2**30:
-            return float(gbs)
-    return None
+    return nominal_peaks(name, memory_bytes)[0]
 
 
 def device_bandwidth(device: torch.device) -> tuple[float, Optional[float]]:

@@ -26,6 +26,7 @@ from forkdec.bench.gpu_common import device_bandwidth, gpu_facts, timed_rows
 
 # (kind, requests, nodes or chain length, vocab)
 CASES = [("tree", 64, 64, 49152), ("tree", 256, 16, 128256), ("chain", 64, 4, 49152), ("chain", 256, 8, 128256)]
+QUICK_CASES = [CASES[0], CASES[3]]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DRY_RUN_CASES = [("tree", 3, 5, 50), ("chain", 2, 3, 50)]
 
@@ -100,19 +101,28 @@ def implementations(device: torch.device) -> dict[str, Impl | str]:
                 raise NotImplementedError("FlashInfer has no multi-draft tree sampling op")
             out = flashinfer.sampling.chain_speculative_sampling(x["chain_draft"], x["chain_tokens"],
                                                                  x["chain_target"])
-            return (out >= 0).sum(-1) - 1
+            return flashinfer_accepted(out)
         impls["flashinfer (chain only)"] = flashinfer_chain
     return impls
+
+
+def flashinfer_accepted(out) -> torch.Tensor:
+    """Draft tokens accepted per request from FlashInfer's chain_speculative_sampling result:
+    a 3-tuple (output_token_ids [B, L + 1], accepted counts, emitted draft counts [B]) in
+    current releases, the token ids alone in old ones (-1 after the bonus token)."""
+    if isinstance(out, (tuple, list)):
+        return out[2]  # emitted: the accepted prefix actually output (out[1] counts every accepted draft)
+    return (out >= 0).sum(-1) - 1
 
 
 def nbytes(x: Inputs) -> int:
     return x["draft"].numel() * x["draft"].element_size() + x["target"].numel() * x["target"].element_size()
 
 
-def dry_run(dtype_names: list[str]) -> int:
+def dry_run(dtype_names: list[str], cases: list = CASES) -> int:
     device = torch.device("cpu")
     print("dry run: on a GPU this would time, with triton.testing.do_bench (median ms):")
-    for kind, b, n, v in CASES:
+    for kind, b, n, v in cases:
         print(f"  {kind} B={b} nodes={n} V={v}: {', '.join(implementations(device))}")
     print("  plus a device-to-device copy for the measured bandwidth; peak from the device name table")
     for dtype_name in dtype_names:
@@ -137,24 +147,26 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--dtypes", default=",".join(DTYPES), help=f"comma-separated, of {', '.join(DTYPES)}")
     parser.add_argument("--out", help="results folder (default: bench/results in a checkout)")
     parser.add_argument("--dry-run", action="store_true", help="no GPU: check the plumbing on a tiny CPU input")
+    parser.add_argument("--quick", action="store_true", help="one tree and one chain case (forkdec bench gpu)")
     args = parser.parse_args(argv)
     dtype_names = args.dtypes.split(",")
     unknown = [d for d in dtype_names if d not in DTYPES]
     if unknown:
         parser.error(f"--dtypes: unknown {', '.join(unknown)}; expected {', '.join(DTYPES)}")
+    cases = QUICK_CASES if args.quick else CASES
     if args.dry_run:
-        return dry_run(dtype_names)
+        return dry_run(dtype_names, cases)
     if not torch.cuda.is_available():
         raise SystemExit("gpu_speculative: no CUDA device (use --dry-run to check the plumbing)")
-    return measure(dtype_names, args.out)
+    return measure(dtype_names, args.out, cases)
 
 
-def measure(dtype_names: list[str], out_dir: Optional[str]) -> int:
+def measure(dtype_names: list[str], out_dir: Optional[str], cases_run: list = CASES) -> int:
     from forkdec.bench.common import markdown_table, results_dir, write_report
 
     device = torch.device("cuda")
     copy_gbs, peak = device_bandwidth(device)
-    cases = [(dtype_name, case) for dtype_name in dtype_names for case in CASES]
+    cases = [(dtype_name, case) for dtype_name in dtype_names for case in cases_run]
     rows = timed_rows(cases, lambda c: make_inputs(*c[1], DTYPES[c[0]], device), implementations(device),
                       lambda c, name: [f"{c[1][0]} B={c[1][1]} n={c[1][2]} V={c[1][3]}", c[0], name],
                       lambda impl, x: f"{float(impl(x).float().mean()):.2f}", nbytes, copy_gbs, peak)

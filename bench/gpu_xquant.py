@@ -124,7 +124,8 @@ def build_case(m: Model, paths: int, prompt: int, device: torch.device, page: in
     kvw = m.kv_width
     ang = torch.arange(prompt + 1).float()[:, None] * 1e5 ** (-torch.arange(0, m.d, 2).float() / m.d)
     case = {
-        "q": torch.randn(paths, m.hq, m.d, generator=g).to(device),
+        # bf16 as the kernels take them, converted here, outside every timed call
+        "q": torch.randn(paths, m.hq, m.d, generator=g).to(device=device, dtype=torch.bfloat16),
         "raw": quantized(x, "channel"),
         "lat_k": quantized(x[..., :kvw].contiguous(), "channel"),
         "lat_v": quantized(x[..., kvw:2 * kvw].contiguous() if m.hidden >= 2 * kvw else x[..., :kvw].contiguous(),
@@ -139,8 +140,8 @@ def build_case(m: Model, paths: int, prompt: int, device: torch.device, page: in
         "indices": torch.randperm(pages, generator=g).to(torch.int32).to(device),
         "last": torch.tensor([prompt - (pages - 1) * page], dtype=torch.int32, device=device),
         "start": torch.zeros(1, dtype=torch.int32, device=device),
-        "k_cache": torch.randn(pages, page, m.hkv, m.d, generator=g).to(device),
-        "v_cache": torch.randn(pages, page, m.hkv, m.d, generator=g).to(device),
+        "k_cache": torch.randn(pages, page, m.hkv, m.d, generator=g).to(device=device, dtype=torch.bfloat16),
+        "v_cache": torch.randn(pages, page, m.hkv, m.d, generator=g).to(device=device, dtype=torch.bfloat16),
     }
     return case
 
@@ -159,19 +160,32 @@ def implementations(device: torch.device) -> dict[str, Callable[[dict], object] 
         def f(c):
             xk, xv = (c["raw"], c["raw"]) if raw else (c["lat_k"], c["lat_v"])
             wk, wv = (c["wk"], c["wv"]) if raw else (c["uk"], c["uv"])
-            return forkdec.ops.xquant_attention(c["q"].to(torch.bfloat16), c["qo"], xk, xv, c["indptr"], c["indices"], c["last"],
-                                                c["start"], wk, wv, c["cos"], c["sin"], backend="triton")
+            with forkdec.validation(False):  # the hot path: no input checks inside the timed call
+                return forkdec.ops.xquant_attention(c["q"], c["qo"], xk, xv, c["indptr"], c["indices"], c["last"],
+                                                    c["start"], wk, wv, c["cos"], c["sin"], backend="triton")
         return f
 
     def kv(c):
-        q = c["q"].to(torch.bfloat16)
-        return forkdec.ops.attention(q, c["qo"], c["k_cache"].to(torch.bfloat16), c["v_cache"].to(torch.bfloat16),
-                                     c["indptr"], c["indices"], c["last"], backend="triton")
+        with forkdec.validation(False):
+            return forkdec.ops.attention(c["q"], c["qo"], c["k_cache"], c["v_cache"], c["indptr"], c["indices"],
+                                         c["last"], backend="triton")
 
     for name, f in [("triton xquant raw X 4-bit", xq(True)), ("triton xquant latent 4-bit", xq(False)),
                     ("triton attention bf16 K/V", kv)]:
         impls[name] = why or f
     return impls
+
+
+def bytes_read(c: dict, impl_name: str) -> int:
+    """What one call must read at least: the prompt's pages and, for XQuant, the projections."""
+    def size(*ts):
+        return sum(t.numel() * t.element_size() for t in ts)
+    if "raw X" in impl_name:
+        return size(c["raw"].codes, c["raw"].scale, c["raw"].zero, c["wk"], c["wv"])
+    if "latent" in impl_name:
+        return size(c["lat_k"].codes, c["lat_k"].scale, c["lat_k"].zero, c["lat_v"].codes, c["lat_v"].scale,
+                    c["lat_v"].zero, c["uk"], c["uv"])
+    return size(c["k_cache"], c["v_cache"])
 
 
 def dry_run(model_names: list[str]) -> int:
@@ -195,8 +209,11 @@ def measure(model_names: list[str], out_dir: Optional[str]) -> int:
 
     from forkdec.bench.common import machine_facts, markdown_table, results_dir, write_report
 
+    from forkdec.bench.gpu_common import nominal_peaks
+
     device = torch.device("cuda")
     props = torch.cuda.get_device_properties(device)
+    peak_gbs, _ = nominal_peaks(props.name, props.total_memory)
     rows = []
     for name in model_names:
         m = MODELS[name]
@@ -205,15 +222,17 @@ def measure(model_names: list[str], out_dir: Optional[str]) -> int:
             for impl_name, impl in implementations(device).items():
                 label = [m.name, str(paths), str(prompt), impl_name]
                 if isinstance(impl, str):
-                    rows.append(label + ["-", f"n/a: {impl}"])
+                    rows.append(label + ["-", "-", "-", f"n/a: {impl}"])
                     continue
                 ms = do_bench(lambda: impl(c), return_mode="median")
-                rows.append(label + [f"{ms * 1e3:.1f}", ""])
+                gbs = bytes_read(c, impl_name) / (ms * 1e-3) / 1e9
+                rows.append(label + [f"{ms * 1e3:.1f}", f"{gbs:.0f}", f"{gbs / peak_gbs:.0%}" if peak_gbs else "-", ""])
                 print(" | ".join(rows[-1]))
             c = None  # freed before the next case
             torch.cuda.empty_cache()
     body = ("## Prompt level of a decode step (one layer)\n\n"
-            + markdown_table(["model", "paths", "prompt", "implementation", "us", "note"], rows) + "\n\n"
+            + markdown_table(["model", "paths", "prompt", "implementation", "us", "GB/s (pages + projections read)",
+                             "of peak GB/s", "note"], rows) + "\n\n"
             + roofline_markdown())
     facts = machine_facts({"gpu": f"{props.name}, {props.total_memory / 2**30:.0f} GiB",
                            "timing": "triton.testing.do_bench, median",

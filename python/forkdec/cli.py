@@ -14,6 +14,7 @@ BENCH_AREAS: dict[str, str] = {
     "attention": "forkdec.bench.attention",
     "sampling": "forkdec.bench.sampling",
     "sampling-signals": "forkdec.bench.sampling_signals",
+    "gpu": "forkdec.bench.gpu_all",  # every kernel test on CUDA, then every gpu-* benchmark, one report
     "gpu-softmax": "forkdec.bench.gpu_softmax",
     "gpu-attention": "forkdec.bench.gpu_attention",
     "gpu-sampling": "forkdec.bench.gpu_sampling",

@@ -97,14 +97,17 @@ def global_parents(parents: Tensor, tree_indptr: Tensor) -> Tensor:
 def node_depths(parents: Tensor, tree_indptr: Tensor) -> Tensor:
     """[N] int64 depth of every node (root's children are 1), by pointer jumping:
     each round adds the depth gathered so far at the ancestor and jumps twice as far."""
+    n = parents.numel()
     up = global_parents(parents, tree_indptr)
-    depth = torch.ones(parents.numel(), dtype=torch.int64, device=parents.device)
-    while bool((up >= 0).any()):
+    depth = torch.ones(n, dtype=torch.int64, device=parents.device)
+    for _ in range(n.bit_length() + 1):  # 2^rounds > n: every chain of a forest has ended by then
+        if not bool((up >= 0).any()):
+            return depth
         has = up >= 0
         safe = up.clamp_min(0)
         depth = torch.where(has, depth + depth[safe], depth)
         up = torch.where(has, up[safe], up)
-    return depth
+    raise ValueError("parents: a chain of parents never reaches the root (a cycle)")
 
 
 def build_tree(parents: Tensor, tree_indptr: Tensor, *, prefix_lens: Tensor | None = None, packed: bool = False,

@@ -228,14 +228,15 @@ def validate_page_table(total_q: int, num_pages: int, page_size: int, qo_indptr:
 
 
 # torch.compile support: fake (meta) implementations of the C++ ops.
+# Outputs are new contiguous tensors, whatever the inputs' strides (new_empty, not empty_like).
 def _attention_fake(q, qo_indptr, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len, causal,
                     custom_mask, sm_scale):
-    return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32)
 
 
 def _cascade_fake(q, k_cache, v_cache, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, causal, custom_mask,
                   sm_scale):
-    return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32)
 
 
 def _merge_states_fake(o, lse):
@@ -243,7 +244,7 @@ def _merge_states_fake(o, lse):
 
 
 def _merge_state_fake(o_a, lse_a, o_b, lse_b):
-    return torch.empty_like(o_a), torch.empty_like(lse_a, dtype=torch.float32)
+    return o_a.new_empty(o_a.shape), o_a.new_empty(o_a.shape[:2], dtype=torch.float32)
 
 
 def _append_kv_fake(k_cache, v_cache, k, v, slots):

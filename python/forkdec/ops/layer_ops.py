@@ -133,7 +133,10 @@ def _norm_fake(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 
 def _add_norm_fake(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device), torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    # Without a residual (rms_norm on Triton) there is no sum: an empty tensor, never uninitialized memory.
+    total_shape = (0,) if residual is None else x.shape
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device), torch.empty(total_shape, dtype=x.dtype,
+                                                                            device=x.device)
 
 
 def _rope_fake(qkv: Tensor, cos: Tensor, sin: Tensor, hq: int, hkv: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -163,8 +166,8 @@ def _add_rms_norm_triton(x: Tensor, residual: Tensor | None, weight: Tensor, eps
     from forkdec.triton_kernels.layer_ops import rms_norm_rows
 
     h = x.shape[-1]
-    out, total = torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(
-        x, memory_format=torch.contiguous_format)
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    total = x.new_empty((0,)) if residual is None else torch.empty_like(x, memory_format=torch.contiguous_format)
     rms_norm_rows(_rows(x, h), None if residual is None else _rows(residual, h), weight.contiguous(), eps,
                   out.view(-1, h) if h else out, None if residual is None else total.view(-1, h))
     return out, total

@@ -170,6 +170,8 @@ def _sample(draft_tokens, parents, tree_indptr, draft_probs, target_probs, unifo
 def _max_depth(parents: Tensor, tree_indptr: Tensor, max_depth: int | None) -> int:
     if max_depth is not None and not validation_enabled():
         return max_depth  # hot path: no device sync (the kernels still refuse a too-small max_depth)
+    if not validation_enabled():  # measuring the depth needs well-formed trees (a cycle never ends)
+        validate_tree(parents, tree_indptr)
     deepest = int(node_depths(parents, tree_indptr).max()) if parents.numel() else 0
     if max_depth is None:
         return deepest

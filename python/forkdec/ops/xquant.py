@@ -110,7 +110,7 @@ def _xquant_attention_fake(q, qo_indptr, xk, xk_scale, xk_zero, xk_bits, xk_grou
                            xv_scale, xv_zero, xv_bits, xv_group_size, xv_axis, xv_width, page_size, kv_indptr,
                            kv_indices, kv_last_page_len, kv_start_pos, wk, wv, bk, bv, rope_cos, rope_sin, causal,
                            custom_mask, sm_scale):
-    return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32)
 
 
 if _extension.load() is not None and hasattr(torch.ops.forkdec, "xquant_attention"):
