@@ -23,22 +23,21 @@ pytestmark = [
 ]
 
 PROMPTS = ["the quick brown fox j", "0123456789abcdef012"]
+SAMPLE, PLAN_INIT = ops.sample, ops.CascadePlan.__init__
 
 
 def _generate(monkeypatch, backend: str, params: SamplingParams):
     monkeypatch.setenv("FORKDEC_ENGINE_BACKEND", backend)  # attention, append_kv, cascade (engine/attend.py)
     calls = []
-    sample = ops.sample
 
     def sample_on(*args, **kwargs):
         calls.append(backend)
-        return sample(*args, **kwargs, backend=backend)
+        return SAMPLE(*args, **kwargs, backend=backend)
     monkeypatch.setattr(ops, "sample", sample_on)  # the engine draws with ops.sample(..., backend="auto")
     seen = []
-    cascade = ops.CascadePlan.__init__
 
     def plan_init(self, *args, **kwargs):
-        cascade(self, *args, **kwargs)
+        PLAN_INIT(self, *args, **kwargs)
         seen.append(self.backend)
     monkeypatch.setattr(ops.CascadePlan, "__init__", plan_init)
     eng = Engine(TinyLlama(seed=1), tokenizer=ByteTokenizer(), page_size=8)

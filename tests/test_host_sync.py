@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import math
+import os
 import warnings
 
 import pytest
@@ -25,6 +26,10 @@ from forkdec.testing import random_forest
 from forkdec.xquant.pages import QuantizedPages
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+needs_interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                       reason="the CPU counts need the triton backend on CPU tensors (the interpreter; "
+                                              "with a GPU, test_no_sync_per_layer_on_cuda counts instead)")
 
 READS = ("cpu", "item", "tolist", "__int__", "__float__", "__bool__", "__index__")
 
@@ -92,6 +97,7 @@ def _xquant_args(device, d=32):
     return tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
 
 
+@needs_interpreter
 def test_cascade_plan_reads_the_host_once_per_step_not_per_layer():
     from forkdec.testing_triton_compile import record_launches
     q, k, v, levels = _forest("cpu")
@@ -107,6 +113,7 @@ def test_cascade_plan_reads_the_host_once_per_step_not_per_layer():
     assert launches and per_layer == [], per_layer
 
 
+@needs_interpreter
 def test_a_counted_read_is_caught():
     """The counter fails the test above if a layer reads back: an unplanned call does."""
     from forkdec.testing_triton_compile import record_launches
@@ -119,6 +126,7 @@ def test_a_counted_read_is_caught():
     assert reads
 
 
+@needs_interpreter
 def test_xquant_launch_reads_nothing_back():
     from forkdec.testing_triton_compile import record_launches
     from forkdec.triton_kernels.xquant import xquant_attention
