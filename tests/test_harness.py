@@ -6,7 +6,7 @@ import torch
 
 import forkdec
 import specs  # noqa: F401  (registers the op specs)
-from harness import SPECS, backend_variants, skip_reason
+from harness import SPECS, backend_variants, device_for, skip_reason
 
 
 def _params():
@@ -35,7 +35,7 @@ def test_backend_matches_reference(spec, variant, dtype, case, cpu_isa):
     backend = variant.split("[")[0]
     if "[" in variant:
         cpu_isa(variant[len("cpu["):-1])
-    device = "cuda" if backend == "cuda" else spec.device
+    device = device_for(spec, backend)
     g = torch.Generator().manual_seed(zlib.crc32(f"{spec.name}/{case.id}".encode()))
     args, kwargs = case.make(dtype, g)
     args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)

@@ -350,3 +350,33 @@ def test_triton_half_precision_dots_stay_close():
                                                   sin, sm_scale=0.2, return_lse=True, backend="reference")
     torch.testing.assert_close(out.float(), want.float(), rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(lse, want_lse, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.skipif(unavailable_reason("triton", "xquant_attention", torch.device("cpu")) is not None,
+                    reason=str(unavailable_reason("triton", "xquant_attention", torch.device("cpu"))))
+def test_triton_head_dim_96_matches_reference():
+    """d96 (allowed by HEAD_DIMS) runs padded to 128 with masks: the padding lanes must
+    neither read past a head's weights, bias and RoPE table nor write past its output."""
+    from forkdec.triton_kernels import xquant as kernels
+    d, hkv, hq, width, page = 96, 2, 4, 64, 16
+    g = torch.Generator().manual_seed(96)
+    xq = QuantizedPages.empty(5, page, width, 4, 32, "token")
+    for p in range(5):
+        xq.write(p, torch.randn(page, width, generator=g))
+    indptr = torch.tensor([0, 2, 4], dtype=torch.int32)
+    indices = torch.tensor([3, 0, 4, 1], dtype=torch.int32)
+    last = torch.tensor([9, 16], dtype=torch.int32)
+    start = torch.tensor([0, 7], dtype=torch.int32)
+    qo_indptr = torch.tensor([0, 2, 5], dtype=torch.int32)
+    q = torch.randn(5, hq, d, generator=g)
+    wk, wv = torch.randn(width, hkv * d, generator=g) / 6, torch.randn(width, hkv * d, generator=g) / 6
+    bk, bv = torch.randn(hkv * d, generator=g), torch.randn(hkv * d, generator=g)
+    cos, sin = _rope_tables(64, d)
+    want = forkdec.ops.xquant_attention(q, qo_indptr, xq, xq, indptr, indices, last, start, wk, wv, cos, sin, bk=bk,
+                                        bv=bv, causal=True, return_lse=True, backend="reference")
+    for splits in (1, 2):
+        out, lse = kernels.xquant_attention(q, qo_indptr, *page_args(xq), *page_args(xq), page, indptr, indices,
+                                            last, start, wk, wv, bk, bv, cos, sin, True, None, 1 / math.sqrt(d),
+                                            num_splits=splits)
+        torch.testing.assert_close(out, want[0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(lse, want[1], rtol=1e-4, atol=1e-4)

@@ -15,8 +15,9 @@ KV (decode), the keys are split into chunks whose partial states are merged
 by LSE (`merge_states`), as is every level of a cascade.
 
 Launchers: attention, cascade_attention, merge_states, merge_state, append_kv.
-The work list is planned on the host, so each launch reads the lengths of the
-requests back from the device once.
+The work list is planned on the host from the requests' lengths: a LaunchPlan
+reads them back from the device once per step and serves every layer (the
+CascadePlan op does this); a launch without a plan reads them once itself.
 """
 from __future__ import annotations
 
@@ -263,19 +264,54 @@ def _kv_lens(kv_indptr: Tensor, kv_last_page_len: Tensor, page_size: int) -> Ten
     return torch.where(pages > 0, (pages - 1) * page_size + kv_last_page_len.long(), 0)
 
 
-def _block_sizes(max_rows: int, head_dim: int) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N): rows per program sized to the largest request, keys per tile."""
-    cap = 128 if head_dim <= 64 else 64   # keeps the [BLOCK_M, D] fp32 accumulator in registers
+def launch_config(max_rows: int, head_dim: int, dtype: torch.dtype, has_mask: bool,
+                  gpu: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the attention kernel: rows per
+    program sized to the largest request, keys per tile, chosen per head dim and
+    dtype so that the fp32 accumulator and the tiles stay in registers (no spill)
+    and the tiles' shared memory fits an A100 block (tests/test_triton_compile.py
+    checks every choice compiled for sm_80 and sm_90)."""
+    block_d = triton.next_power_of_2(head_dim)
+    if dtype == torch.float32:
+        # IEEE fp32 dots run on FMA units, not tensor cores, and hold far more in registers:
+        # at 4 warps and [64, 32] tiles they spilled 2-8 KB per thread (sm_80 and sm_90).
+        cap, block_n, num_warps = (64, 32, 8) if block_d <= 64 else (32, 16, 8)
+    else:
+        cap = 128 if block_d <= 64 else 64  # keeps the [BLOCK_M, D] fp32 accumulator in registers
+        block_n = 64 if block_d <= 64 else 32
+        num_warps = 4
     block_m = min(max(triton.next_power_of_2(max(max_rows, 1)), 16), cap)
-    block_n = 64 if head_dim <= 64 else 32
-    return block_m, block_n
+    if block_m * block_d >= 64 * 128:
+        num_warps = 8  # e.g. a packed-mask tree tile of 128 rows at d64 spilled with 4 warps
+    return block_m, block_n, num_warps, 2
+
+
+@dataclass
+class CompileTarget:
+    """Set by forkdec.testing_triton_compile while it records launches on CPU tensors:
+    the launchers then choose as for a GPU with `sms` SMs (not as for the interpreter)."""
+    sms: Optional[int] = None
+
+
+COMPILE_TARGET = CompileTarget()
+
+
+def on_gpu(device: torch.device) -> bool:
+    """Whether this launch runs compiled GPU code (not the interpreter)."""
+    return device.type == "cuda" or COMPILE_TARGET.sms is not None
+
+
+def _sm_count(device: torch.device) -> int:
+    if COMPILE_TARGET.sms is not None:
+        return COMPILE_TARGET.sms
+    if device.type == "cuda":
+        return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return INTERPRETER_SMS
 
 
 @functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return INTERPRETER_SMS
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _choose_splits(programs: int, max_kv: int, device: torch.device) -> int:
@@ -286,16 +322,32 @@ def _choose_splits(programs: int, max_kv: int, device: torch.device) -> int:
     return max(1, min(MAX_SPLITS, triton.cdiv(max_kv, MIN_SPLIT_TOKENS), triton.cdiv(target, programs)))
 
 
-def _plan(qo_indptr: Tensor, kv_indptr: Tensor, kv_last_page_len: Tensor, page_size: int, group: int,
-          hkv: int, head_dim: int, has_mask: bool, num_splits: Optional[int] = None) -> _Plan:
+def read_lens(levels: list[tuple[Tensor, Tensor, Tensor]], page_size: int) -> list[Tensor]:
+    """[2, B] int64 CPU (qo_len, kv_len) of each level's (qo_indptr, kv_indptr,
+    kv_last_page_len): the one device-to-host read a launch plan needs, for all levels at once."""
+    parts = []
+    for qo_indptr, kv_indptr, last in levels:
+        parts.append(torch.stack([(qo_indptr[1:] - qo_indptr[:-1]).long(), _kv_lens(kv_indptr, last, page_size)]))
+    if not parts:
+        return []
+    host = torch.cat(parts, 1).cpu()
+    return list(torch.split(host, [p.shape[1] for p in parts], 1))
+
+
+def _plan(lens: Tensor, qo_indptr: Tensor, kv_indptr: Tensor, kv_last_page_len: Tensor, page_size: int,
+          group: int, hkv: int, head_dim: int, dtype: torch.dtype, has_mask: bool,
+          num_splits: Optional[int] = None) -> _Plan:
     """Work items (request, row block, split) ordered so that the programs sharing
-    a request's KV chunk run side by side. One device-to-host read of the lengths."""
-    qo_len = (qo_indptr[1:] - qo_indptr[:-1]).long()
-    kv_len = _kv_lens(kv_indptr, kv_last_page_len, page_size)
-    mask_offset = torch.cumsum(qo_len * kv_len, 0) - qo_len * kv_len if has_mask else None
-    lens = torch.stack([qo_len, kv_len]).cpu()
+    a request's KV chunk run side by side, from the host copy `lens` [2, B] of
+    (qo_len, kv_len) (read_lens): no device-to-host read here."""
+    mask_offset = None
+    if has_mask:
+        qo_len = (qo_indptr[1:] - qo_indptr[:-1]).long()
+        kv_len = _kv_lens(kv_indptr, kv_last_page_len, page_size)
+        mask_offset = torch.cumsum(qo_len * kv_len, 0) - qo_len * kv_len
     rows = lens[0] * group
-    block_m, block_n = _block_sizes(int(rows.max()) if rows.numel() else 0, head_dim)
+    max_rows = int(rows.max()) if rows.numel() else 0
+    block_m, block_n, _, _ = launch_config(max_rows, head_dim, dtype, has_mask, on_gpu(qo_indptr.device))
     blocks = (rows + block_m - 1) // block_m                      # [B] row blocks per request
     if num_splits is None:
         max_kv = int(lens[1].max()) if lens.shape[1] else 0
@@ -308,6 +360,30 @@ def _plan(qo_indptr: Tensor, kv_indptr: Tensor, kv_last_page_len: Tensor, page_s
     work = torch.stack([req, local % req_blocks * block_m, local // req_blocks])
     work = work.to(torch.int32).to(qo_indptr.device)
     return _Plan(work, num_splits, block_m, block_n, mask_offset)
+
+
+class LaunchPlan:
+    """A step's attention metadata planned once for every layer: the host copy of
+    the lengths (read at construction, the step's only device-to-host read) and,
+    per head configuration, each level's work list. `attention` and
+    `cascade_attention` given a plan read nothing back from the device.
+
+    levels: (qo_indptr, kv_indptr, kv_indices, kv_last_page_len, custom_mask) per level, int32 on the device."""
+
+    def __init__(self, levels: list[tuple], page_size: int, num_splits: Optional[int] = None):
+        self.levels = [tuple(_int32(t) if i < 4 else t for i, t in enumerate(lv)) for lv in levels]
+        self.page_size = page_size
+        self.num_splits = num_splits
+        self.lens = read_lens([(lv[0], lv[1], lv[3]) for lv in self.levels], page_size)
+        self._plans: dict = {}
+
+    def level_plans(self, hq: int, hkv: int, head_dim: int, dtype: torch.dtype) -> list[_Plan]:
+        key = (hq, hkv, head_dim, dtype)
+        if key not in self._plans:
+            self._plans[key] = [_plan(lens, lv[0], lv[1], lv[3], self.page_size, hq // hkv, hkv, head_dim, dtype,
+                                      lv[4] is not None, self.num_splits)
+                                for lens, lv in zip(self.lens, self.levels)]
+        return self._plans[key]
 
 
 def _launch(plan: _Plan, q: Tensor, k_cache: Tensor, v_cache: Tensor, qo_indptr: Tensor, kv_indptr: Tensor,
@@ -328,6 +404,8 @@ def _launch(plan: _Plan, q: Tensor, k_cache: Tensor, v_cache: Tensor, qo_indptr:
         mask_mode, mask = MASK_PACKED, custom_mask
     mask_offset = plan.mask_offset if plan.mask_offset is not None else plan.work
     block_d = triton.next_power_of_2(head_dim)
+    _, _, num_warps, num_stages = launch_config(plan.block_m, head_dim, q.dtype, custom_mask is not None,
+                                                on_gpu(q.device))
     _attention_kernel[(num_work, hkv)](
         q, k_cache, v_cache, out, lse,
         qo_indptr, kv_indptr, kv_indices, kv_last_page_len, mask, mask_offset,
@@ -336,24 +414,17 @@ def _launch(plan: _Plan, q: Tensor, k_cache: Tensor, v_cache: Tensor, qo_indptr:
         GROUP=hq // hkv, HEAD_DIM=head_dim, PAGE_SIZE=k_cache.shape[1],
         BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_D=block_d,
         CAUSAL=bool(causal), MASK_MODE=mask_mode, FP32_DOT=_fp32_dot(q.dtype, q.device),
-        num_warps=8 if plan.block_m * block_d >= 128 * 128 else 4, num_stages=2)
+        num_warps=num_warps, num_stages=num_stages)
 
 
 def _fp32_dot(dtype: torch.dtype, device: torch.device) -> bool:
     """Multiply in fp32: for fp32 inputs (IEEE, not TF32), and for bf16 under the
     interpreter, whose tl.dot multiplies bf16 bit patterns as integers (Triton 3.9)."""
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and device.type == "cpu")
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and not on_gpu(device))
 
 
 def _int32(t: Tensor) -> Tensor:
     return t if t.dtype == torch.int32 else t.to(torch.int32)
-
-
-def _level_plan(q: Tensor, k_cache: Tensor, qo_indptr: Tensor, kv_indptr: Tensor, kv_last_page_len: Tensor,
-                custom_mask: Optional[Tensor], num_splits: Optional[int]) -> _Plan:
-    hkv = k_cache.shape[2]
-    return _plan(qo_indptr, kv_indptr, kv_last_page_len, k_cache.shape[1], q.shape[1] // hkv, hkv,
-                 q.shape[2], custom_mask is not None, num_splits)
 
 
 # ---------------------------------------------------------------------------
@@ -362,7 +433,8 @@ def _level_plan(q: Tensor, k_cache: Tensor, qo_indptr: Tensor, kv_indptr: Tensor
 
 def attention(q: Tensor, qo_indptr: Tensor, k_cache: Tensor, v_cache: Tensor, kv_indptr: Tensor,
               kv_indices: Tensor, kv_last_page_len: Tensor, causal: bool, custom_mask: Optional[Tensor],
-              sm_scale: float, num_splits: Optional[int] = None) -> tuple[Tensor, Tensor]:
+              sm_scale: float, num_splits: Optional[int] = None,
+              plan: Optional[LaunchPlan] = None) -> tuple[Tensor, Tensor]:
     """Ragged queries over a paged KV cache.
 
     q [total_q, Hq, D] fp32/fp16/bf16, any strides; k_cache, v_cache
@@ -370,11 +442,16 @@ def attention(q: Tensor, qo_indptr: Tensor, k_cache: Tensor, v_cache: Tensor, kv
     (int64 accepted); custom_mask None, bool or bit-packed uint8.
     Returns out [total_q, Hq, D] in q's dtype and lse [total_q, Hq] fp32.
     num_splits forces the number of KV chunks per request (None: heuristic).
+    plan: a LaunchPlan of this one level (no device-to-host read); None reads
+    the lengths back once.
     """
     qo_indptr, kv_indptr, kv_indices, kv_last_page_len = map(_int32, (qo_indptr, kv_indptr, kv_indices,
                                                                     kv_last_page_len))
     total_q, hq, head_dim = q.shape
-    plan = _level_plan(q, k_cache, qo_indptr, kv_indptr, kv_last_page_len, custom_mask, num_splits)
+    if plan is None:
+        plan = LaunchPlan([(qo_indptr, kv_indptr, kv_indices, kv_last_page_len, custom_mask)], k_cache.shape[1],
+                          num_splits)
+    plan = plan.level_plans(hq, k_cache.shape[2], head_dim, q.dtype)[0]
     args = (q, k_cache, v_cache, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, causal, custom_mask, sm_scale)
     if plan.num_splits == 1:  # write the final state directly, a zero slot stride
         out = torch.empty(total_q, hq, head_dim, dtype=q.dtype, device=q.device)
@@ -389,15 +466,19 @@ def attention(q: Tensor, qo_indptr: Tensor, k_cache: Tensor, v_cache: Tensor, kv
 
 def cascade_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, qo_indptr: list, kv_indptr: list,
                       kv_indices: list, kv_last_page_len: list, causal: list, custom_mask: list,
-                      sm_scale: float, num_splits: Optional[int] = None) -> tuple[Tensor, Tensor]:
+                      sm_scale: float, num_splits: Optional[int] = None,
+                      plan: Optional[LaunchPlan] = None) -> tuple[Tensor, Tensor]:
     """Attention over the union of each query's keys across levels (one list entry
     per level, shapes as in `attention`). Every level (and KV split) writes an fp32
     partial state into one [total_q, slots, Hq, D] buffer; one merge by LSE then
-    rounds to q's dtype. Returns out [total_q, Hq, D] in q's dtype, lse [total_q, Hq] fp32."""
+    rounds to q's dtype. Returns out [total_q, Hq, D] in q's dtype, lse [total_q, Hq] fp32.
+    plan: the LaunchPlan of these levels (no device-to-host read); None reads the lengths back once."""
     total_q, hq, head_dim = q.shape
-    levels = [tuple(map(_int32, lv)) for lv in zip(qo_indptr, kv_indptr, kv_indices, kv_last_page_len)]
-    plans = [_level_plan(q, k_cache, lv[0], lv[1], lv[3], mask, num_splits)
-             for lv, mask in zip(levels, custom_mask)]
+    if plan is None:
+        plan = LaunchPlan(list(zip(qo_indptr, kv_indptr, kv_indices, kv_last_page_len, custom_mask)),
+                          k_cache.shape[1], num_splits)
+    levels = [lv[:4] for lv in plan.levels]
+    plans = plan.level_plans(hq, k_cache.shape[2], head_dim, q.dtype)
     slots = sum(p.num_splits for p in plans)
     o_parts = torch.empty(total_q, slots, hq, head_dim, dtype=torch.float32, device=q.device)
     lse_parts = torch.empty(total_q, slots, hq, dtype=torch.float32, device=q.device)

@@ -6,7 +6,9 @@ residual max(p - q, 0) in fp32 over its float64 sum; bonus by inverse CDF in
 float64). A program walks its tree with scalar loads; whole vocabulary rows
 are streamed in BLOCK-wide tiles only on a rejection (the residual, kept in a
 [B, V] fp32 scratch row) and for the final draw. Greedy keeps its per-node
-state (argmax, matched, path lengths) in small int32 scratch arrays.
+state (argmax, matched, path lengths) in small int32 scratch arrays; each write
+to them is followed by a barrier before any thread reads it back (scalar stores
+are made by one thread, loads by all).
 
 Launchers: verify_tree_greedy, verify_tree_sampling (both return
 accepted_tokens, accepted_nodes, num_accepted, bonus_token).
@@ -19,6 +21,8 @@ import triton.language as tl
 from torch import Tensor
 
 BLOCK_V = 1024
+# 8 warps: [1024] float64 tiles at 4 warps spilled 8 B on sm_80 (tests/test_triton_compile.py).
+NUM_WARPS = 8
 
 
 @triton.jit
@@ -49,6 +53,11 @@ def _greedy_kernel(tok_ptr, par_ptr, indptr_ptr, logits_ptr, stride_l,
     base = start + b  # scratch slots: base + 0 is the root, base + 1 + i node i
     tl.store(best_token_ptr + base, _row_argmax(logits_ptr + base.to(tl.int64) * stride_l, vocab, BLOCK).to(tl.int32))
     tl.store(best_child_ptr + base, -1)
+    # A scalar store is made by one thread and the loads below by all: every
+    # write to the scratch arrays is followed by a barrier before it is read
+    # (without one, warps may read stale scratch, disagree on a branch, and
+    # walk garbage child indices out of bounds; the empty tree reads these two).
+    tl.debug_barrier()
     for i in range(0, n):  # parents come first: one pass in index order
         par = tl.load(par_ptr + start + i)
         parent_ok = tl.where(par < 0, 1, tl.load(matched_ptr + start + tl.maximum(par, 0)))
@@ -233,7 +242,8 @@ def verify_tree_greedy(draft_tokens: Tensor, parents: Tensor, tree_indptr: Tenso
     best_token, best_child = torch.empty(n + batch, **i32), torch.empty(n + batch, **i32)
     length, matched = torch.empty(max(n, 1), **i32), torch.empty(max(n, 1), **i32)
     _greedy_kernel[(batch,)](tok, par, ip, logits, logits.stride(0), best_token, best_child, length, matched,
-                             *out, logits.shape[1], max_depth, BLOCK=BLOCK_V)
+                             *out, logits.shape[1], max_depth, BLOCK=BLOCK_V, num_warps=NUM_WARPS,
+                             enable_fp_fusion=False)
     return out
 
 
@@ -250,5 +260,7 @@ def verify_tree_sampling(draft_tokens: Tensor, parents: Tensor, tree_indptr: Ten
     work = torch.empty(batch, vocab, dtype=torch.float32, device=device)
     u = uniforms.to(torch.float64).contiguous()
     _sampling_kernel[(batch,)](tok, par, ip, draft, draft.stride(0), target, target.stride(0), u, work, *out,
-                               vocab, max_depth, DRAFT_MATCH=bool(draft_rows_match_target), BLOCK=BLOCK_V)
+                               vocab, max_depth, DRAFT_MATCH=bool(draft_rows_match_target), BLOCK=BLOCK_V,
+                               num_warps=NUM_WARPS,
+                               enable_fp_fusion=False)  # the other backends' arithmetic: no FMA contraction
     return out

@@ -7,6 +7,7 @@ CascadePlan, once per step); every other layer runs with validation off.
 """
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import torch
@@ -24,7 +25,10 @@ Attend = Callable[[int, Tensor, Tensor, Tensor], Tensor]
 
 def pick_backend(device: torch.device) -> str:
     """The attention backend for the whole run, resolved once: resolving "auto" on
-    every call probes installed packages, which costs ~0.2 ms x 2 ops x layers per step."""
+    every call probes installed packages, which costs ~0.2 ms x 2 ops x layers per step.
+    FORKDEC_ENGINE_BACKEND forces one (tests run the engine on "triton" under the interpreter)."""
+    if os.environ.get("FORKDEC_ENGINE_BACKEND"):
+        return os.environ["FORKDEC_ENGINE_BACKEND"]
     names = {resolve("auto", op, device, BACKENDS) for op in ("append_kv", "attention", "cascade_attention")}
     return names.pop() if len(names) == 1 else "auto"
 

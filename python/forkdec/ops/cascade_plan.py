@@ -3,7 +3,10 @@
 A decoding step runs the same cascade (same levels, page tables, masks) in every
 layer of the model; only q and the layer's caches change. `CascadePlan` checks
 and packs the metadata once (`plan`), and `run` then does only the cheap checks
-that need no data reads (shapes and dtypes of q and the caches).
+that need no data reads (shapes and dtypes of q and the caches). On the triton
+backend the plan also reads the requests' lengths back from the device once
+and keeps the kernels' work lists, so that `run` makes no device-to-host copy
+(no host sync per layer; CUDA graph friendly).
 """
 from __future__ import annotations
 
@@ -50,6 +53,11 @@ class CascadePlan:
         self._lists = ([lv.qo_indptr for lv in self.levels], [lv.kv_indptr for lv in self.levels],
                        [lv.kv_indices for lv in self.levels], [lv.kv_last_page_len for lv in self.levels],
                        [lv.causal for lv in self.levels], [lv.custom_mask for lv in self.levels])
+        self._launch_plan = None
+        if self.backend == "triton":
+            from forkdec.triton_kernels.attention import LaunchPlan
+            self._launch_plan = LaunchPlan([(lv.qo_indptr, lv.kv_indptr, lv.kv_indices, lv.kv_last_page_len,
+                                             lv.custom_mask) for lv in self.levels], page_size)
 
     def run(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, *,
             return_lse: bool = False) -> Tensor | tuple[Tensor, Tensor]:
@@ -63,7 +71,11 @@ class CascadePlan:
         if self.backend == "reference":
             return reference.cascade_attention(q, k_cache, v_cache, self.levels, sm_scale=self.sm_scale,
                                                return_lse=return_lse)
-        op = (torch.ops.forkdec.cascade_attention if self.backend == "cpu"
-              else torch.ops.forkdec.cascade_attention_triton)
-        out, lse = op(q, k_cache, v_cache, *self._lists, _scale(q, self.sm_scale))
+        if self.backend == "triton":  # the planned launch: the kernels with this step's work lists
+            from forkdec.triton_kernels.attention import cascade_attention
+            out, lse = cascade_attention(q, k_cache, v_cache, *self._lists, _scale(q, self.sm_scale),
+                                         plan=self._launch_plan)
+        else:
+            out, lse = torch.ops.forkdec.cascade_attention(q, k_cache, v_cache, *self._lists,
+                                                           _scale(q, self.sm_scale))
         return (out, lse) if return_lse else out
