@@ -146,11 +146,13 @@ def test_early_stop_cancels_the_other_paths():
     out = eng.generate(PROMPTS[:2], n=8, params=SamplingParams(temperature=1.0, max_new_tokens=40, seed=1),
                        chat=False, early_stop=first_finish_stopper(2))
     for paths in out:
-        natural = [c for c in paths if c.finish_reason == "stop"]
-        assert len(natural) == 2, [c.finish_reason for c in paths]
+        natural = sorted((c for c in paths if c.finish_reason == "stop"), key=lambda c: c.finish_order)
+        assert len(natural) >= 2, [c.finish_reason for c in paths]
+        # paths that finished in the same step as the second one are complete and kept
+        assert all(len(c.token_ids) == len(natural[1].token_ids) for c in natural[2:])
         cancelled = [c for c in paths if c.finish_reason == "cancelled"]
         assert len(cancelled) >= 1
-        assert sorted(c.finish_order for c in natural) == [0, 1]
+        assert [c.finish_order for c in natural] == list(range(len(natural)))
         # a cancelled path stopped no later than the second natural finish
         assert all(len(c.token_ids) <= max(len(x.token_ids) for x in natural) for c in cancelled)
     assert eng.cache.allocator.num_used == eng.kv_pages_cached

@@ -93,7 +93,9 @@ def test_sixteen_concurrent_clients_get_what_they_get_alone(server):
         assert len(got) == r["n"]
     snap = service.scheduler.snapshot()
     assert snap["live_paths"] == 0 and snap["running_requests"] == 0
-    assert service.driver.session.pages_in_use == 0 and service.driver.session.paths == {}
+    session = service.driver.session
+    assert session.paths == {}  # every finished path was forgotten
+    assert session.pages_in_use == session.prefix.num_pages  # only the prefix cache holds pages now
 
 
 def test_request_larger_than_the_budget_is_413(server):
@@ -101,3 +103,16 @@ def test_request_larger_than_the_budget_is_413(server):
     import httpx
     r = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "x", "n": 256, "max_tokens": 500})
     assert r.status_code == 413 and r.json()["error"]["param"] == "n"
+
+
+def test_a_shared_prefix_is_reused_across_requests(server):
+    url, _ = server
+    c = client(url)
+    system = "You are a careful solver of arithmetic word problems. " * 3
+    first = c.chat.completions.create(model=MODEL, messages=[{"role": "system", "content": system},
+                                                             {"role": "user", "content": "one"}], max_tokens=3, seed=0)
+    second = c.chat.completions.create(model=MODEL, messages=[{"role": "system", "content": system},
+                                                              {"role": "user", "content": "two"}], max_tokens=3, seed=0)
+    page = 16
+    assert second.usage.prompt_tokens_details.cached_tokens >= (len(system) // page) * page
+    assert second.usage.prompt_tokens == first.usage.prompt_tokens

@@ -7,7 +7,6 @@ argument; `forkdec.cli.main` prints it as one line and exits with code 2.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -18,7 +17,9 @@ import torch
 from forkdec.engine.completion import Completion, GenerateStats
 from forkdec.engine.params import SamplingParams
 from forkdec.engine.progress import ProgressBar
+from forkdec.engine.deepconf_cli import add_deepconf_options, run_deepconf
 from forkdec.engine.search_cli import add_search_options, run_search
+from forkdec.json_output import human_output, write_json
 from forkdec.validation import require
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -42,7 +43,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--min-p", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--vote", choices=["majority", "first-finish", "best-logprob"], default="majority")
+    p.add_argument("--vote", choices=["majority", "first-finish", "best-logprob", "deepconf-low", "deepconf-high"],
+                   default="majority", help="deepconf-*: DeepConf online, paths stopped once their confidence drops")
     p.add_argument("--first-k", type=int, default=None,
                    help="first-finish: stop after this many paths finish (default max(1, n // 4))")
     p.add_argument("--json", metavar="PATH", help="also write the result as JSON")
@@ -53,6 +55,7 @@ def parser() -> argparse.ArgumentParser:
                    "xquant-latent-4, xquant-cl-2, kivi-4, ... (default: K/V in the model's dtype)")
     add_calib_options(p)
     add_search_options(p)
+    add_deepconf_options(p)
     p.add_argument("--speculate", choices=["off", "ngram"], default="off",
                    help="ngram: draft token trees from the prompt and sibling paths, verify them in one pass")
     p.add_argument("--draft-budget", type=int, default=SamplingParams.draft_budget,
@@ -126,11 +129,15 @@ def run(argv: list[str]) -> int:
     check_calib(args.kv, args)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                             max_new_tokens=args.max_new_tokens, stop=tuple(args.stop), seed=args.seed,
-                            speculate=args.speculate, draft_budget=args.draft_budget)
+                            speculate=args.speculate, draft_budget=args.draft_budget,
+                            confidence_k=20 if (args.json or args.vote.startswith("deepconf")) and args.speculate == "off"
+                            else 0)
     model, tokenizer = load(args.model, DTYPES.get(args.dtype))
     apply_calib(args, model, tokenizer)
     if args.search != "none":
         return run_search(args, model, tokenizer)
+    if args.vote.startswith("deepconf"):
+        return run_deepconf(args, params, model, tokenizer)
     k = args.first_k or max(1, args.n // 4)
     early = strategies.first_finish_stopper(k) if args.vote == "first-finish" else None
     bar = ProgressBar(sys.stderr, force=False) if not args.no_progress else None
@@ -146,9 +153,10 @@ def run(argv: list[str]) -> int:
     vote = strategies.first_finish(paths, k) if args.vote == "first-finish" else strategies.STRATEGIES[args.vote](paths)
     stats = engine.last_stats
     assert stats is not None
-    _print(paths, vote, stats, args.vote, args.kv)
+    with human_output(args.json):
+        _print(paths, vote, stats, args.vote, args.kv)
     if args.json:
-        Path(args.json).write_text(json.dumps(_result(args, params, paths, vote, stats), indent=2))
+        write_json(args.json, _result(args, params, paths, vote, stats))
     return 0
 
 
@@ -189,7 +197,8 @@ def _result(args: argparse.Namespace, params: SamplingParams, paths: list[Comple
                    "draft_budget": params.draft_budget},
         "paths": [{"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason,
                    "cumulative_logprob": c.cumulative_logprob if math.isfinite(c.cumulative_logprob) else None,
-                   "finish_order": c.finish_order,
+                   "finish_order": c.finish_order, "token_logprobs": c.token_logprobs,
+                   "token_confidences": c.token_confidences,
                    "answer": extract_answer(c.text) if c.finish_reason != "cancelled" else None} for c in paths],
         "vote": {"strategy": vote.strategy, "answer": vote.answer, "votes": vote.votes, "chosen": vote.chosen,
                  "considered": vote.considered},

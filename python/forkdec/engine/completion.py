@@ -11,7 +11,8 @@ class Completion:
     token_ids: generated tokens, including the stop/EOS token that ended the path.
     text: decoded `token_ids` without special tokens, cut before a matched stop string.
     finish_reason: "stop" (EOS, stop token or stop string), "length" (max_new_tokens),
-        or "cancelled" (an early-stop callback ended its prompt first).
+        "cancelled" (an early stop ended its prompt first) or "stopped" (a per-step hook
+        ended this path, e.g. DeepConf's confidence test).
     cumulative_logprob: sum over token_ids of log p(token) under the model's own
         distribution, softmax(logits) at temperature 1 before any filter, so
         values are comparable across sampling settings.

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -25,6 +25,7 @@ from forkdec.engine.params import SamplingParams
 from forkdec.engine.progress import Progress
 from forkdec.engine.speculative_step import Speculator
 from forkdec.engine.state import PathState, PromptState
+from forkdec.engine.step_view import PathDelta, StepView, early_stop_hook
 from forkdec.engine.stops import StopChecker
 from forkdec.engine.token_sampler import draw
 from forkdec.validation import require
@@ -117,17 +118,41 @@ class Engine:
     # ---- the call -----------------------------------------------------------------------------
     def generate(self, prompts: Sequence[str] | str, n: int | Sequence[int] = 1, params: SamplingParams | None = None, *,
                  chat: bool = True, progress: Callable[[Progress], None] | None = None,
-                 early_stop: EarlyStop | None = None) -> list[list[Completion]]:
+                 early_stop: EarlyStop | None = None,
+                 on_step: Callable[[StepView], None] | None = None) -> list[list[Completion]]:
         """Decode `n` paths of every prompt; returns, per prompt, its n Completions in path order.
 
         prompts: one string or a list of them (each non-empty). n: paths per
         prompt, one int for all or one per prompt. chat: wrap each
         in the tokenizer's chat template. progress: called after prefill and
-        every step. early_stop(prompt_index, finished) is called each time a
-        path of that prompt finishes, with that prompt's finished Completions in
-        finish order; returning True cancels the prompt's other paths
-        (finish_reason "cancelled") and frees their pages.
+        every step. on_step(view) is called after every step with each path's new
+        tokens and signals, and may stop single paths or cancel prompts
+        (forkdec.engine.step_view). early_stop(prompt_index, finished) is the
+        special case `early_stop_hook`: after a step in which paths of a prompt
+        finished, it gets that prompt's finished Completions in finish order, and
+        returning True cancels the prompt's other paths (finish_reason
+        "cancelled"; paths that finished in that same step are kept) and frees
+        their pages.
         """
+        run = self._run(prompts, n, params, chat, progress, early_stop, on_step)
+        for _ in run.steps():
+            pass
+        self.last_stats = run.stats
+        return [[c for c in s.results] for s in run.states]  # type: ignore[misc]
+
+    def stream(self, prompts: Sequence[str] | str, n: int | Sequence[int] = 1, params: SamplingParams | None = None,
+               *, chat: bool = True, on_step: Callable[[StepView], None] | None = None) -> Iterator[list[PathDelta]]:
+        """Decode as `generate` does, yielding each step's `PathDelta`s as they are decoded
+        (new token ids, logprobs, confidences, finish reasons); `Engine.last_stats` is set
+        when the iterator is exhausted. The tokens are those `generate` gives with the same seed."""
+        run = self._run(prompts, n, params, chat, None, None, on_step)
+        for view in run.steps():
+            if view.events:
+                yield view.events
+        self.last_stats = run.stats
+
+    def _run(self, prompts, n, params, chat, progress, early_stop, on_step) -> "_Run":
+        """Check the call's arguments and set up its run."""
         params = params if params is not None else SamplingParams()
         require(isinstance(params, SamplingParams), "params", f"expected SamplingParams, got {type(params).__name__}")
         if isinstance(prompts, str):
@@ -145,11 +170,8 @@ class Engine:
             require(len(t) > 0, "prompt", f"prompt {i} encodes to no tokens")
             params.check_fits(len(t), context, which=f"prompt {i}")
         states = [PromptState(i, t, c, results=[None] * c) for i, (t, c) in enumerate(zip(ids, counts))]
-        run = _Run(self, states, params, progress, early_stop)
-        with torch.inference_mode():
-            run.loop()
-        self.last_stats = run.stats
-        return [[c for c in s.results] for s in states]  # type: ignore[misc]
+        hooks = [h for h in (on_step, early_stop_hook(early_stop) if early_stop is not None else None) if h]
+        return _Run(self, states, params, progress, hooks)
 
     def _cache_for(self, pages: int) -> PagedKVCache:
         if self.use_prefix_cache and str(getattr(self.model, "device", "cpu")) == "cpu":
@@ -178,9 +200,10 @@ class _Run:
     """State of one `generate` call: admission, prefill, decode steps, finishing."""
 
     def __init__(self, engine: Engine, states: list[PromptState], params: SamplingParams,
-                 progress: Callable[[Progress], None] | None, early_stop: EarlyStop | None) -> None:
+                 progress: Callable[[Progress], None] | None, hooks: list[Callable[[StepView], None]]) -> None:
         self.e, self.states, self.params = engine, states, params
-        self.progress, self.early_stop = progress, early_stop
+        self.progress, self.hooks = progress, hooks
+        self.finished_now: list[PathState] = []  # paths that ended since the last view
         ps = engine.page_size
         # The last sampled token's K/V is never written, so a path stores at most max_new_tokens - 1.
         self.path_pages = -(-(params.max_new_tokens - 1) // ps)
@@ -217,17 +240,58 @@ class _Run:
         self.t0 = time.perf_counter()
 
     # ---- loop -----------------------------------------------------------------------------------
-    def loop(self) -> None:
+    def steps(self) -> Iterator[StepView]:
+        """Admit, step, and show each step to the hooks; yields the step's view (generate and
+        stream drive this). Inference mode is held per step, never across a yield."""
         while True:
-            admitted = self.admit()
-            if self.running:
-                self.step()
-            elif not any(s.waiting for s in self.states):
-                break
-            elif not admitted:  # cannot happen: the budget check holds one path of every prompt
-                raise RuntimeError("engine: paths are waiting but none can be admitted")
+            with torch.inference_mode():
+                admitted = self.admit()
+                if self.running:
+                    self.step()
+                elif not any(s.waiting for s in self.states):
+                    break
+                elif not admitted:  # cannot happen: the budget check holds one path of every prompt
+                    raise RuntimeError("engine: paths are waiting but none can be admitted")
+                view = self.view()
+                for hook in self.hooks:
+                    hook(view)
+            yield view
+        if self.finished_now:  # paths a hook ended after the last step
+            yield self.view()
         assert all(None not in s.results for s in self.states) and self.windows == 0
         assert self.alloc.num_used == self.e.kv_pages_cached, "pages left held after the call"
+
+    def view(self) -> StepView:
+        """Every path's tokens since the last view (running ones and those that just ended)."""
+        events = []
+        for path in self.finished_now + self.running:
+            new = len(path.token_ids) - path.reported
+            if new <= 0 and not (path.finished and path in self.finished_now):
+                continue
+            r = path.reported
+            events.append(PathDelta(path.prompt.index, path.index, path.token_ids[r:], path.token_logprobs[r:],
+                                    path.token_confidences[r:] if self.params.confidence_k else None,
+                                    path.prompt.results[path.index].finish_reason if path.finished else None))
+            path.reported = len(path.token_ids)
+        self.finished_now = []
+        return StepView(self.stats.decode_steps, events, self.stop_path, self.cancel_prompt, self.finished_of)
+
+    def stop_path(self, prompt: int, path: int) -> None:
+        for q in self.running:
+            if q.prompt.index == prompt and q.index == path and not q.finished:
+                self.finish(q, "stopped")
+        self.running = [q for q in self.running if not q.finished]
+
+    def cancel_prompt(self, prompt: int) -> None:
+        s = self.states[prompt]
+        if not s.cancelled:
+            self.cancel(s)
+        self.running = [q for q in self.running if not q.finished]
+
+    def finished_of(self, prompt: int) -> list[Completion]:
+        return sorted((c for c in self.states[prompt].results
+                       if c is not None and c.finish_reason not in ("cancelled", "stopped")),
+                      key=lambda c: c.finish_order)
 
     def reserve(self, pages: int, windows: int) -> bool:
         """Reserve `pages` page ids and budget `windows` more full-precision windows, if both fit."""
@@ -366,12 +430,8 @@ class _Run:
             token_confidences=list(path.token_confidences) if p.confidence_k else None,
             top_logprobs=list(path.top_logprobs) if p.top_logprobs else None)
         s.finished += 1
-        if reason != "cancelled" and not s.cancelled and self.early_stop is not None:
-            done = sorted((c for c in s.results if c is not None and c.finish_reason != "cancelled"),
-                          key=lambda c: c.finish_order)
-            if self.early_stop(s.index, done):
-                self.cancel(s)
-        if s.running == 0 and s.waiting == 0 and s.pages:  # (a cancel above may have freed them already)
+        self.finished_now.append(path)
+        if s.running == 0 and s.waiting == 0 and s.pages:
             self.alloc.free(s.pages)
             self.windows -= 1
             s.pages, s.last_logits = [], None

@@ -24,7 +24,6 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
-import forkdec.ops as ops
 from forkdec.cache import StepBatch, make_attend, pick_backend
 from forkdec.cache.prefix_index import PrefixIndex
 from forkdec.engine.params import SamplingParams

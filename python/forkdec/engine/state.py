@@ -49,6 +49,7 @@ class PathState:
     token_logprobs: list[float] = field(default_factory=list)
     token_confidences: list[float] = field(default_factory=list)      # when params.confidence_k
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # when params.top_logprobs
+    reported: int = 0                   # tokens already shown to per-step hooks / the stream
     finished: bool = False
 
     @property

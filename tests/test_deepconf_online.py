@@ -1,0 +1,63 @@
+"""DeepConf online on a Session against the offline replay of the same rule
+(forkdec.strategies.simulate_online) over the same paths decoded in full."""
+from __future__ import annotations
+
+import pytest
+
+import forkdec
+from engine_fixtures import ByteTokenizer, TinyLlama
+
+from forkdec.engine import Engine, SamplingParams
+from forkdec.engine.session import Session
+from forkdec.search import deepconf_online
+from forkdec.strategies.deepconf import simulate_online, stop_position
+
+pytestmark = pytest.mark.skipif(forkdec._extension.load() is None,
+                                reason=f"C++ extension unavailable: {forkdec._extension.error()}")
+PROMPT = "3 + 4 = "
+
+
+def session():
+    return Session(Engine(TinyLlama(seed=0, eos_bias=1.0), tokenizer=ByteTokenizer()))
+
+
+class _Full:
+    def __init__(self, p, tok):
+        self.token_ids, self.token_confidences = p.token_ids, p.token_confidences
+        self.finish_reason, self.text = p.finish_reason, tok.decode(p.token_ids)
+
+
+@pytest.mark.parametrize("keep", [10.0, 90.0])
+def test_online_equals_the_replay_of_full_paths(keep):
+    n, warmup, window = 12, 4, 4
+    params = SamplingParams(temperature=1.0, max_new_tokens=24, seed=5, confidence_k=20)
+    s = session()
+    run = deepconf_online(s, PROMPT, n, params, keep=keep, warmup=warmup, window=window, tau=None, chat=False)
+    full = session()
+    ids = full.start(PROMPT, n, params, chat=False, seeds=[5 + i for i in range(n)])
+    full.run()
+    paths = [_Full(full.path(i), ByteTokenizer()) for i in ids]
+    replay = simulate_online(paths, warmup=warmup, keep=keep, window=window, tau=None)
+    assert run.threshold == pytest.approx(replay.threshold, rel=1e-5)
+    assert run.generated_tokens == replay.generated_tokens
+    for k, pid in enumerate(run.paths):
+        got = s.path(pid)
+        stop = stop_position(paths[k].token_confidences, run.threshold, window)
+        if pid in run.stopped:
+            assert got.finish_reason == "stopped" and len(got.token_ids) == stop
+            assert got.token_ids == paths[k].token_ids[:stop]  # the same path, cut where the rule says
+        else:
+            assert got.token_ids == paths[k].token_ids
+    assert (keep == 10.0) <= (len(run.stopped) > 0)  # DeepConf-low's high threshold stops some paths here
+    s.close()
+    assert s.pages_in_use == (s.prefix.num_pages if s.prefix is not None else 0)
+
+
+@pytest.mark.parametrize("kw,arg", [(dict(n=1), "n"), (dict(warmup=12), "warmup"), (dict(window=0), "window"),
+                                    (dict(keep=100), "keep"), (dict(batch=0), "batch")])
+def test_bad_arguments_name_them(kw, arg):
+    call = dict(n=12, keep=10.0)
+    call.update(kw)
+    n = call.pop("n")
+    with pytest.raises(ValueError, match=arg):
+        deepconf_online(session(), PROMPT, n, SamplingParams(max_new_tokens=8), chat=False, **call)
