@@ -60,11 +60,20 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="results folder (default: bench/results in a checkout)")
     parser.add_argument("--note", default="", help="text added under the tables (findings, caveats)")
     args = parser.parse_args(argv)
-    results = []
+    merged: dict[str, dict] = {}  # runs of one data set (e.g. one per budget) become one table
     for f in args.results:
         with open(f) as handle:
             r = json.load(handle)
-        results.append((r["config"].get("data", Path(f).stem), r))
+        name = r["config"].get("data", Path(f).stem)
+        if name not in merged:
+            merged[name] = r
+            continue
+        into = merged[name]
+        into["config"]["budgets"] = sorted(set(into["config"]["budgets"]) | set(r["config"]["budgets"]))
+        into["scoring_seconds"] = into.get("scoring_seconds", 0) + r.get("scoring_seconds", 0)
+        for strategy, by_n in r["strategies"].items():
+            into["strategies"].setdefault(strategy, {}).update(by_n)
+    results = list(merged.items())
     out = results_dir(args.out)
     plot(results, out / "reasoning.png")
     body = []

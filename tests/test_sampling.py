@@ -541,3 +541,13 @@ def test_triton_sampling_kernels_compile_for_sm80_and_sm90_with_exact_float_opti
     run = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, env=env,
                          timeout=600)
     assert run.returncode == 0 and "compiled" in run.stdout, run.stdout[-2000:] + run.stderr[-4000:]
+
+
+@needs_ext
+def test_signals_op_schema_and_fake_tensor_agree():
+    x, u = torch.randn(3, 50), torch.rand(3)
+    for op, ids in ((torch.ops.forkdec.sample_with_logprobs.default, None),
+                    (torch.ops.forkdec.sample_with_logprobs.default, torch.tensor([0, 0, 2]))):
+        result = torch.library.opcheck(op, (x, u, ids, 1.0, None, 0, None, 1.0, None, 0.0, None, 5),
+                                       test_utils=("test_schema", "test_faketensor"))
+        assert set(result.values()) == {"SUCCESS"}, result
