@@ -278,15 +278,16 @@ def launch_config(max_rows: int, head_dim: int, dtype: torch.dtype, has_mask: bo
     if dtype == torch.float32:
         # IEEE fp32 dots run on FMA units, not tensor cores, and hold far more in registers:
         # at 4 warps and [64, 32] tiles they spilled 2-8 KB per thread (sm_80 and sm_90).
-        cap, block_n, num_warps = (64, 32, 8) if block_d <= 64 else (32, 16, 8)
+        # Wider heads take 16-row blocks (32 rows spilled 8-24 B at d96/d128 on sm_80).
+        cap, block_n, num_warps, num_stages = (64, 32, 8, 2) if block_d <= 64 else (16, 16, 8, 2)
     else:
         cap = 128 if block_d <= 64 else 64  # keeps the [BLOCK_M, D] fp32 accumulator in registers
         block_n = 64 if block_d <= 64 else 32
-        num_warps = 4
+        num_warps, num_stages = 4, 2
     block_m = min(max(triton.next_power_of_2(max(max_rows, 1)), 16), cap)
     if block_m * block_d >= 64 * 128:
         num_warps = 8  # e.g. a packed-mask tree tile of 128 rows at d64 spilled with 4 warps
-    return block_m, block_n, num_warps, 2
+    return block_m, block_n, num_warps, num_stages
 
 
 @dataclass
