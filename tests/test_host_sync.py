@@ -1,9 +1,9 @@
 """No host synchronisation per layer on the Triton backend.
 
-A decode step's attention metadata needs the host once (the requests' lengths
-size the work lists): the CascadePlan reads them at construction and every
-layer's run reuses them. xquant_attention's launch reads nothing back at all
-(its grid is sized from host-known bounds). On CUDA the tests count the
+A decode step's attention metadata needs the host once for tight work lists
+(the requests' lengths): the CascadePlan reads them at construction and every
+layer's run reuses them. Without a plan, attention and xquant_attention launch
+without reading anything back (grids sized from host-known bounds). On CUDA the tests count the
 synchronising calls torch reports (torch.cuda.set_sync_debug_mode); on the CPU
 they count the calls that would copy device data to the host (.cpu(), .item(),
 .tolist(), int()/float()/bool() of a tensor) with the kernel launches recorded
@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import forkdec.ops as ops
+import forkdec.validation
 from forkdec.ops.xquant import page_args
 from forkdec.testing import random_forest
 from forkdec.xquant.pages import QuantizedPages
@@ -114,16 +115,29 @@ def test_cascade_plan_reads_the_host_once_per_step_not_per_layer():
 
 
 @needs_interpreter
-def test_a_counted_read_is_caught():
-    """The counter fails the test above if a layer reads back: an unplanned call does."""
+def test_unplanned_attention_launches_read_nothing_back():
+    """Without a plan the launchers plan on the device (a padded work list)."""
     from forkdec.testing_triton_compile import record_launches
+    from forkdec.triton_kernels.attention import attention, cascade_attention
     q, k, v, levels = _forest("cpu")
     lists = [[getattr(lv, f) for lv in levels] for f in ("qo_indptr", "kv_indptr", "kv_indices", "kv_last_page_len",
                                                           "causal", "custom_mask")]
-    with record_launches([]), count_host_reads() as reads:
-        from forkdec.triton_kernels.attention import cascade_attention
+    lv = levels[0]
+    with record_launches([]) as launches, count_host_reads() as reads:
         cascade_attention(q, k, v, *lists, 0.2)
-    assert reads
+        attention(q, lv.qo_indptr, k, v, lv.kv_indptr, lv.kv_indices, lv.kv_last_page_len, False, None, 0.2)
+    assert len(launches) >= 3 and reads == [], reads
+
+
+@needs_interpreter
+def test_a_counted_read_is_caught():
+    """The counter sees a read: planning with the host lengths makes one."""
+    from forkdec.triton_kernels.attention import LaunchPlan
+    _, k, _, levels = _forest("cpu")
+    with count_host_reads() as reads:
+        LaunchPlan([(lv.qo_indptr, lv.kv_indptr, lv.kv_indices, lv.kv_last_page_len, lv.custom_mask)
+                    for lv in levels], k.shape[1])
+    assert reads == ["cpu"]
 
 
 @needs_interpreter
@@ -145,6 +159,10 @@ def test_no_sync_per_layer_on_cuda():
     with count_cuda_syncs() as syncs:
         for _ in range(4):
             plan.run(q, k, v)
+    assert syncs == [], syncs
+    lv = levels[1]
+    with forkdec.validation.validation(False), count_cuda_syncs() as syncs:  # validation reads the metadata
+        ops.attention(q, lv.qo_indptr, k, v, lv.kv_indptr, lv.kv_indices, lv.kv_last_page_len, backend="triton")
     assert syncs == [], syncs
     args = _xquant_args("cuda")
     torch.ops.forkdec.xquant_attention_triton(*args)

@@ -15,9 +15,10 @@ KV (decode), the keys are split into chunks whose partial states are merged
 by LSE (`merge_states`), as is every level of a cascade.
 
 Launchers: attention, cascade_attention, merge_states, merge_state, append_kv.
-The work list is planned on the host from the requests' lengths: a LaunchPlan
-reads them back from the device once per step and serves every layer (the
-CascadePlan op does this); a launch without a plan reads them once itself.
+No launch reads anything back from the device: a LaunchPlan (the CascadePlan
+op's) reads the requests' lengths once per step and plans tight work lists for
+every layer; a launch without one plans on the device, its work list padded to
+a host-known bound.
 """
 from __future__ import annotations
 
@@ -95,6 +96,8 @@ def _attention_kernel(
     num_pages = tl.load(kv_indptr_ptr + b + 1) - page_start
     kv_len = tl.where(num_pages > 0, (num_pages - 1) * PAGE_SIZE + tl.load(kv_last_page_len_ptr + b), 0)
 
+    if row0 >= qo_len * GROUP:  # a padding item of a launch planned without host lengths
+        return
     rows = row0 + tl.arange(0, BLOCK_M)
     row_ok = rows < qo_len * GROUP
     qi = rows // GROUP                              # query within the request
@@ -275,15 +278,16 @@ def launch_config(max_rows: int, head_dim: int, dtype: torch.dtype, has_mask: bo
     if dtype == torch.float32:
         # IEEE fp32 dots run on FMA units, not tensor cores, and hold far more in registers:
         # at 4 warps and [64, 32] tiles they spilled 2-8 KB per thread (sm_80 and sm_90).
-        cap, block_n, num_warps = (64, 32, 8) if block_d <= 64 else (32, 16, 8)
+        # Wider heads take 16-row blocks (32 rows spilled 8-24 B at d96/d128 on sm_80).
+        cap, block_n, num_warps, num_stages = (64, 32, 8, 2) if block_d <= 64 else (16, 16, 8, 2)
     else:
         cap = 128 if block_d <= 64 else 64  # keeps the [BLOCK_M, D] fp32 accumulator in registers
         block_n = 64 if block_d <= 64 else 32
-        num_warps = 4
+        num_warps, num_stages = 4, 2
     block_m = min(max(triton.next_power_of_2(max(max_rows, 1)), 16), cap)
     if block_m * block_d >= 64 * 128:
         num_warps = 8  # e.g. a packed-mask tree tile of 128 rows at d64 spilled with 4 warps
-    return block_m, block_n, num_warps, 2
+    return block_m, block_n, num_warps, num_stages
 
 
 @dataclass
@@ -334,32 +338,64 @@ def read_lens(levels: list[tuple[Tensor, Tensor, Tensor]], page_size: int) -> li
     return list(torch.split(host, [p.shape[1] for p in parts], 1))
 
 
-def _plan(lens: Tensor, qo_indptr: Tensor, kv_indptr: Tensor, kv_last_page_len: Tensor, page_size: int,
-          group: int, hkv: int, head_dim: int, dtype: torch.dtype, has_mask: bool,
-          num_splits: Optional[int] = None) -> _Plan:
+def _plan(lens: Optional[Tensor], qo_indptr: Tensor, kv_indptr: Tensor, kv_indices: Tensor,
+          kv_last_page_len: Tensor, page_size: int, total_q: int, group: int, hkv: int, head_dim: int,
+          dtype: torch.dtype, has_mask: bool, num_splits: Optional[int] = None) -> _Plan:
     """Work items (request, row block, split) ordered so that the programs sharing
-    a request's KV chunk run side by side, from the host copy `lens` [2, B] of
-    (qo_len, kv_len) (read_lens): no device-to-host read here."""
+    a request's KV chunk run side by side. From the host copy `lens` [2, B] of
+    (qo_len, kv_len) (read_lens) when there is one; otherwise on the device alone,
+    with no device-to-host read: BLOCK_M follows the mean rows per request, the
+    list is padded to a host-known bound (items with a first row past their
+    request's rows return at once) and the split count assumes the longest
+    request could hold every page."""
+    device = qo_indptr.device
+    batch = qo_indptr.numel() - 1
+    qo_len = (qo_indptr[1:] - qo_indptr[:-1]).long()
     mask_offset = None
     if has_mask:
-        qo_len = (qo_indptr[1:] - qo_indptr[:-1]).long()
         kv_len = _kv_lens(kv_indptr, kv_last_page_len, page_size)
         mask_offset = torch.cumsum(qo_len * kv_len, 0) - qo_len * kv_len
-    rows = lens[0] * group
-    max_rows = int(rows.max()) if rows.numel() else 0
-    block_m, block_n, _, _ = launch_config(max_rows, head_dim, dtype, has_mask, on_gpu(qo_indptr.device))
-    blocks = (rows + block_m - 1) // block_m                      # [B] row blocks per request
+    gpu = on_gpu(device)
+    if lens is not None:
+        rows = lens[0] * group
+        block_m, block_n, _, _ = launch_config(int(rows.max()) if rows.numel() else 0, head_dim, dtype, has_mask,
+                                               gpu)
+        blocks = (rows + block_m - 1) // block_m                  # [B] row blocks per request
+        if num_splits is None:
+            max_kv = int(lens[1].max()) if lens.shape[1] else 0
+            num_splits = _choose_splits(int(blocks.sum()) * hkv, max_kv, device)
+        work = _work_items(blocks, block_m, num_splits, None).to(torch.int32).to(device)
+        return _Plan(work, num_splits, block_m, block_n, mask_offset)
+    mean_rows = triton.cdiv(total_q * group, max(batch, 1))
+    block_m, block_n, _, _ = launch_config(mean_rows, head_dim, dtype, has_mask, gpu)
+    bound = batch + triton.cdiv(total_q * group, block_m)        # >= sum of ceil(rows / block_m)
     if num_splits is None:
-        max_kv = int(lens[1].max()) if lens.shape[1] else 0
-        num_splits = _choose_splits(int(blocks.sum()) * hkv, max_kv, qo_indptr.device)
-    # Per request: its row blocks for split 0, then for split 1, ...
-    per_req = blocks * num_splits
-    req = torch.repeat_interleave(torch.arange(blocks.numel()), per_req)
-    local = torch.arange(req.numel()) - (torch.cumsum(per_req, 0) - per_req)[req]
-    req_blocks = blocks[req]                                      # >= 1 wherever a request has work
-    work = torch.stack([req, local % req_blocks * block_m, local // req_blocks])
-    work = work.to(torch.int32).to(qo_indptr.device)
+        num_splits = _choose_splits(triton.cdiv(total_q * group, block_m) * hkv, kv_indices.numel() * page_size,
+                                    device)
+    blocks = (qo_len * group + block_m - 1) // block_m
+    work = _work_items(blocks, block_m, num_splits, bound * num_splits).to(torch.int32)
     return _Plan(work, num_splits, block_m, block_n, mask_offset)
+
+
+def _work_items(blocks: Tensor, block_m: int, num_splits: int, padded: Optional[int]) -> Tensor:
+    """[3, W] (request, first row, split): per request its row blocks for split 0, then
+    split 1, ... On the device with `padded` = W: the items past the real ones get
+    request 0 and a first row no request reaches."""
+    per_req = blocks * num_splits
+    if padded is not None:  # a last "request" takes up the slack, so the total is known without a read
+        per_req = torch.cat([per_req, (padded - per_req.sum()).reshape(1)])
+    ids = torch.arange(per_req.numel(), device=blocks.device)
+    req = torch.repeat_interleave(ids, per_req, output_size=padded)
+    local = torch.arange(req.numel(), device=blocks.device) - (torch.cumsum(per_req, 0) - per_req)[req]
+    req_blocks = torch.cat([blocks, blocks.new_ones(1)])[req] if padded is not None else blocks[req]
+    req_blocks = req_blocks.clamp(min=1)                          # >= 1 wherever a request has work
+    work = torch.stack([req, local % req_blocks * block_m, local // req_blocks])
+    if padded is not None:
+        pad = req == blocks.numel()
+        work[0] = torch.where(pad, 0, work[0])
+        work[1] = torch.where(pad, 2 ** 30, work[1])
+        work[2] = torch.where(pad, 0, work[2])
+    return work
 
 
 class LaunchPlan:
@@ -370,18 +406,20 @@ class LaunchPlan:
 
     levels: (qo_indptr, kv_indptr, kv_indices, kv_last_page_len, custom_mask) per level, int32 on the device."""
 
-    def __init__(self, levels: list[tuple], page_size: int, num_splits: Optional[int] = None):
+    def __init__(self, levels: list[tuple], page_size: int, num_splits: Optional[int] = None,
+                 read_back: bool = True):
         self.levels = [tuple(_int32(t) if i < 4 else t for i, t in enumerate(lv)) for lv in levels]
         self.page_size = page_size
         self.num_splits = num_splits
-        self.lens = read_lens([(lv[0], lv[1], lv[3]) for lv in self.levels], page_size)
+        self.lens = (read_lens([(lv[0], lv[1], lv[3]) for lv in self.levels], page_size) if read_back
+                     else [None] * len(self.levels))
         self._plans: dict = {}
 
-    def level_plans(self, hq: int, hkv: int, head_dim: int, dtype: torch.dtype) -> list[_Plan]:
-        key = (hq, hkv, head_dim, dtype)
+    def level_plans(self, total_q: int, hq: int, hkv: int, head_dim: int, dtype: torch.dtype) -> list[_Plan]:
+        key = (total_q, hq, hkv, head_dim, dtype)
         if key not in self._plans:
-            self._plans[key] = [_plan(lens, lv[0], lv[1], lv[3], self.page_size, hq // hkv, hkv, head_dim, dtype,
-                                      lv[4] is not None, self.num_splits)
+            self._plans[key] = [_plan(lens, lv[0], lv[1], lv[2], lv[3], self.page_size, total_q, hq // hkv, hkv,
+                                      head_dim, dtype, lv[4] is not None, self.num_splits)
                                 for lens, lv in zip(self.lens, self.levels)]
         return self._plans[key]
 
@@ -442,16 +480,16 @@ def attention(q: Tensor, qo_indptr: Tensor, k_cache: Tensor, v_cache: Tensor, kv
     (int64 accepted); custom_mask None, bool or bit-packed uint8.
     Returns out [total_q, Hq, D] in q's dtype and lse [total_q, Hq] fp32.
     num_splits forces the number of KV chunks per request (None: heuristic).
-    plan: a LaunchPlan of this one level (no device-to-host read); None reads
-    the lengths back once.
+    plan: a LaunchPlan of this one level; None plans on the device (no
+    device-to-host read either, a looser grid).
     """
     qo_indptr, kv_indptr, kv_indices, kv_last_page_len = map(_int32, (qo_indptr, kv_indptr, kv_indices,
                                                                     kv_last_page_len))
     total_q, hq, head_dim = q.shape
     if plan is None:
         plan = LaunchPlan([(qo_indptr, kv_indptr, kv_indices, kv_last_page_len, custom_mask)], k_cache.shape[1],
-                          num_splits)
-    plan = plan.level_plans(hq, k_cache.shape[2], head_dim, q.dtype)[0]
+                          num_splits, read_back=False)
+    plan = plan.level_plans(total_q, hq, k_cache.shape[2], head_dim, q.dtype)[0]
     args = (q, k_cache, v_cache, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, causal, custom_mask, sm_scale)
     if plan.num_splits == 1:  # write the final state directly, a zero slot stride
         out = torch.empty(total_q, hq, head_dim, dtype=q.dtype, device=q.device)
@@ -472,13 +510,13 @@ def cascade_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, qo_indptr: li
     per level, shapes as in `attention`). Every level (and KV split) writes an fp32
     partial state into one [total_q, slots, Hq, D] buffer; one merge by LSE then
     rounds to q's dtype. Returns out [total_q, Hq, D] in q's dtype, lse [total_q, Hq] fp32.
-    plan: the LaunchPlan of these levels (no device-to-host read); None reads the lengths back once."""
+    plan: the LaunchPlan of these levels; None plans on the device (no device-to-host read either)."""
     total_q, hq, head_dim = q.shape
     if plan is None:
         plan = LaunchPlan(list(zip(qo_indptr, kv_indptr, kv_indices, kv_last_page_len, custom_mask)),
-                          k_cache.shape[1], num_splits)
+                          k_cache.shape[1], num_splits, read_back=False)
     levels = [lv[:4] for lv in plan.levels]
-    plans = plan.level_plans(hq, k_cache.shape[2], head_dim, q.dtype)
+    plans = plan.level_plans(total_q, hq, k_cache.shape[2], head_dim, q.dtype)
     slots = sum(p.num_splits for p in plans)
     o_parts = torch.empty(total_q, slots, hq, head_dim, dtype=torch.float32, device=q.device)
     lse_parts = torch.empty(total_q, slots, hq, dtype=torch.float32, device=q.device)

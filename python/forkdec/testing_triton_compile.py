@@ -141,7 +141,7 @@ def _attention_scenarios(model: str, dtype_name: str) -> dict[str, Callable[[], 
 
     def tree(packed):
         def run():
-            nodes, paths = 16, 8
+            nodes, paths = 48, 4  # 48 nodes x 3 heads (SmolLM2) fill a 128-row block
             indptr, idx, last, n = _pages([prompt + nodes] * paths, page)
             k, v = caches(n)
             q = torch.zeros(paths * nodes, hq, d, dtype=dtype)
