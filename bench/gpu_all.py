@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,8 +55,9 @@ Runner = Callable[[list[str], float, Path], tuple[Optional[int], str]]
 
 
 def subprocess_runner(argv: list[str], timeout_s: float, cwd: Path) -> tuple[Optional[int], str]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")  # what a step printed survives its time limit
     try:
-        done = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=max(timeout_s, 1))
+        done = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=max(timeout_s, 1), env=env)
     except subprocess.TimeoutExpired as e:
         out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
         return None, out
@@ -99,7 +102,8 @@ def bench_modules() -> list[str]:
 
 def plan(root: Path, out_dir: Path, dry_run: bool) -> list[Step]:
     tests = [t for t in KERNEL_TESTS if (root / t).exists()]
-    pytest_argv = [sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", *tests]
+    # -v: one line per test as it finishes, so a run cut by its time limit still says what passed
+    pytest_argv = [sys.executable, "-m", "pytest", "-v", "-rfE", "-p", "no:cacheprovider", *tests]
     if dry_run:
         pytest_argv.append("--collect-only")
     steps = [Step("kernel tests (pytest)", pytest_argv, TESTS_TIMEOUT_S)]
@@ -134,7 +138,14 @@ def test_summary(step: Step) -> list[str]:
     counts = [ln for ln in lines if re.search(r"\b(passed|failed|error|skipped|tests? collected)\b", ln)
               and ("=" in ln or " in " in ln)]
     failures = [ln for ln in lines if ln.startswith(("FAILED ", "ERROR "))]
-    out = [f"- status: {step.status}, {step.seconds:.0f} s", f"- summary: {counts[-1].strip('= ') if counts else '?'}"]
+    if counts:
+        summary = counts[-1].strip("= ")
+    else:  # cut short: count the verbose per-test lines printed so far
+        tally = {word: sum(f" {word}" in ln and "::" in ln for ln in lines) for word in ("PASSED", "FAILED", "SKIPPED",
+                                                                                          "ERROR")}
+        summary = "partial, " + ", ".join(f"{n} {w.lower()}" for w, n in tally.items()) + " before it stopped"
+        failures += [f"FAILED {ln.split(' FAILED')[0]}" for ln in lines if " FAILED" in ln and "::" in ln]
+    out = [f"- status: {step.status}, {step.seconds:.0f} s", f"- summary: {summary}"]
     out += [f"- {ln}" for ln in failures[:40]]
     if len(failures) > 40:
         out.append(f"- ... and {len(failures) - 40} more")
@@ -219,8 +230,7 @@ def main(argv: Optional[list[str]] = None, runner: Runner = subprocess_runner) -
     if root is None:
         raise SystemExit("forkdec bench gpu: run it from a forkdec checkout (tests/ not found)")
     out_dir = results_dir(args.out)
-    parts = out_dir / "gpu_parts"
-    parts.mkdir(exist_ok=True)
+    parts = Path(tempfile.mkdtemp(prefix="forkdec-bench-gpu-"))  # each benchmark's own report, merged below
     steps = plan(root, parts, args.dry_run)
     if args.skip_tests:
         steps[0].argv = [sys.executable, "-c", "print('kernel tests skipped (--skip-tests)')"]

@@ -74,6 +74,16 @@ def test_report_collects_tests_and_benchmarks(tmp_path, monkeypatch):
     assert "| gpu_softmax | failed (exit 1) |" in report and "Traceback: it broke" in report
     assert "FlashInfer (peer)" in report and "flash-attn (peer)" in report
     assert len(runner.calls) == 1 + len(gpu_all.bench_modules())
+    assert not (tmp_path / "gpu_parts").exists()  # the per-benchmark parts live in a temporary folder
+
+
+def test_a_test_run_cut_short_still_reports_what_ran():
+    step = gpu_all.Step("kernel tests (pytest)", [], 10, rc=None, ran=True, seconds=10,
+                        output="tests/test_a.py::test_1 PASSED [ 1%]\ntests/test_a.py::test_2 FAILED [ 2%]\n"
+                               "tests/test_b.py::test_3 SKIPPED (no GPU) [ 3%]\n")
+    lines = "\n".join(gpu_all.test_summary(step))
+    assert "timed out" in lines and "partial, 1 passed, 1 failed, 1 skipped, 0 error" in lines
+    assert "FAILED tests/test_a.py::test_2" in lines
 
 
 def test_budget_and_hangs_are_reported(tmp_path, monkeypatch):
