@@ -132,14 +132,14 @@ def attention_level(draw, total_q: int, num_pages: int, page_size: int):
         if c == "qo_unsorted" and len(qo) > 2:
             i = pick(qo[1:-1]) + 1
             qo[i] = qo[i + 1] + draw(st.integers(1, 3))
-        elif c == "qo_past_end":
+        elif c == "qo_past_end" and qo:
             qo[-1] += draw(st.integers(1, 3))
-        elif c == "qo_short":
-            qo.pop()
+        elif c == "qo_short" and qo:
+            qo.pop()  # down to an empty qo_indptr
         elif c == "kv_unsorted" and len(kv) > 2:
             i = pick(kv[1:-1]) + 1
             kv[i] = kv[i + 1] + draw(st.integers(1, 3))
-        elif c == "kv_past_end":
+        elif c == "kv_past_end" and kv:
             kv[-1] += draw(st.integers(1, 3))
         elif c == "kv_long":
             kv.append(kv[-1])
