@@ -38,6 +38,7 @@ from typing import Callable, Optional
 KERNEL_TESTS = ["tests/test_harness.py", "tests/test_attention.py", "tests/test_softmax.py", "tests/test_sampling.py",
                 "tests/test_speculative.py", "tests/test_xquant_attention.py", "tests/test_layer_ops.py",
                 "tests/test_opcheck.py", "tests/test_compile_ops.py"]
+TEST_SELECTION = "triton or cuda"
 TESTS_TIMEOUT_S = 170
 # Reduced shapes per benchmark module (bench/gpu_<name>.py); a module not listed runs with its defaults.
 QUICK_ARGS: dict[str, list[str]] = {
@@ -103,7 +104,9 @@ def bench_modules() -> list[str]:
 def plan(root: Path, out_dir: Path, dry_run: bool) -> list[Step]:
     tests = [t for t in KERNEL_TESTS if (root / t).exists()]
     # -v: one line per test as it finishes, so a run cut by its time limit still says what passed
-    pytest_argv = [sys.executable, "-m", "pytest", "-v", "-rfE", "-p", "no:cacheprovider", *tests]
+    # -k: the Triton and CUDA cases (the cpu and reference ones are the CPU test suite's)
+    pytest_argv = [sys.executable, "-m", "pytest", "-v", "-rfE", "-p", "no:cacheprovider", "-k", TEST_SELECTION,
+                   *tests]
     if dry_run:
         pytest_argv.append("--collect-only")
     steps = [Step("kernel tests (pytest)", pytest_argv, TESTS_TIMEOUT_S)]
@@ -190,7 +193,11 @@ def write_summary(path: Path, steps: list[Step], facts: dict[str, str], total_s:
     body = ["## Kernels against the reference (pytest on CUDA tensors)", "", *test_summary(steps[0]), ""]
     body += ["## Benchmarks at reduced shapes", "", "| benchmark | status | s | arguments |", "|---|---|---|---|"]
     for step in steps[1:]:
-        args = " ".join(a for a in step.argv[3:] if not a.startswith("/"))
+        shown = step.argv[3:]
+        if "--out" in shown:  # the temporary folder says nothing
+            i = shown.index("--out")
+            shown = shown[:i] + shown[i + 2:]
+        args = " ".join(shown)
         body.append(f"| {step.name} | {step.status} | {step.seconds:.0f} | `{args}` |")
     for step in steps[1:]:
         body += ["", f"## {step.name}", ""]

@@ -45,6 +45,7 @@ def test_every_gpu_benchmark_and_kernel_test_file_is_planned(tmp_path):
         assert step.argv[-2:] == ["--out", str(tmp_path)]
         assert step.argv[3:-2] == gpu_all.QUICK_ARGS.get(step.name, [])
     pytest_argv = planned[0].argv
+    assert pytest_argv[pytest_argv.index("-k") + 1] == "triton or cuda"
     for test in gpu_all.KERNEL_TESTS:
         assert (ROOT / test).exists(), f"{test} is listed but missing"
         assert test in pytest_argv
@@ -72,6 +73,7 @@ def test_report_collects_tests_and_benchmarks(tmp_path, monkeypatch):
     assert "FAILED tests/test_x.py::test_y" in report
     assert "## gpu_attention" in report and "## gpu_attention title" in report  # its report, demoted
     assert "| gpu_softmax | failed (exit 1) |" in report and "Traceback: it broke" in report
+    assert "`--shapes 512x49152,64x262144 --dtypes bf16 --dry-run`" in report
     assert "FlashInfer (peer)" in report and "flash-attn (peer)" in report
     assert len(runner.calls) == 1 + len(gpu_all.bench_modules())
     assert not (tmp_path / "gpu_parts").exists()  # the per-benchmark parts live in a temporary folder
