@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +38,7 @@ from typing import Callable, Optional
 KERNEL_TESTS = ["tests/test_harness.py", "tests/test_attention.py", "tests/test_softmax.py", "tests/test_sampling.py",
                 "tests/test_speculative.py", "tests/test_xquant_attention.py", "tests/test_layer_ops.py",
                 "tests/test_opcheck.py", "tests/test_compile_ops.py"]
+TEST_SELECTION = "triton or cuda"
 TESTS_TIMEOUT_S = 170
 # Reduced shapes per benchmark module (bench/gpu_<name>.py); a module not listed runs with its defaults.
 QUICK_ARGS: dict[str, list[str]] = {
@@ -53,8 +56,9 @@ Runner = Callable[[list[str], float, Path], tuple[Optional[int], str]]
 
 
 def subprocess_runner(argv: list[str], timeout_s: float, cwd: Path) -> tuple[Optional[int], str]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")  # what a step printed survives its time limit
     try:
-        done = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=max(timeout_s, 1))
+        done = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=max(timeout_s, 1), env=env)
     except subprocess.TimeoutExpired as e:
         out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
         return None, out
@@ -99,7 +103,10 @@ def bench_modules() -> list[str]:
 
 def plan(root: Path, out_dir: Path, dry_run: bool) -> list[Step]:
     tests = [t for t in KERNEL_TESTS if (root / t).exists()]
-    pytest_argv = [sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", *tests]
+    # -v: one line per test as it finishes, so a run cut by its time limit still says what passed
+    # -k: the Triton and CUDA cases (the cpu and reference ones are the CPU test suite's)
+    pytest_argv = [sys.executable, "-m", "pytest", "-v", "-rfE", "-p", "no:cacheprovider", "-k", TEST_SELECTION,
+                   *tests]
     if dry_run:
         pytest_argv.append("--collect-only")
     steps = [Step("kernel tests (pytest)", pytest_argv, TESTS_TIMEOUT_S)]
@@ -134,7 +141,14 @@ def test_summary(step: Step) -> list[str]:
     counts = [ln for ln in lines if re.search(r"\b(passed|failed|error|skipped|tests? collected)\b", ln)
               and ("=" in ln or " in " in ln)]
     failures = [ln for ln in lines if ln.startswith(("FAILED ", "ERROR "))]
-    out = [f"- status: {step.status}, {step.seconds:.0f} s", f"- summary: {counts[-1].strip('= ') if counts else '?'}"]
+    if counts:
+        summary = counts[-1].strip("= ")
+    else:  # cut short: count the verbose per-test lines printed so far
+        tally = {word: sum(f" {word}" in ln and "::" in ln for ln in lines) for word in ("PASSED", "FAILED", "SKIPPED",
+                                                                                          "ERROR")}
+        summary = "partial, " + ", ".join(f"{n} {w.lower()}" for w, n in tally.items()) + " before it stopped"
+        failures += [f"FAILED {ln.split(' FAILED')[0]}" for ln in lines if " FAILED" in ln and "::" in ln]
+    out = [f"- status: {step.status}, {step.seconds:.0f} s", f"- summary: {summary}"]
     out += [f"- {ln}" for ln in failures[:40]]
     if len(failures) > 40:
         out.append(f"- ... and {len(failures) - 40} more")
@@ -179,7 +193,11 @@ def write_summary(path: Path, steps: list[Step], facts: dict[str, str], total_s:
     body = ["## Kernels against the reference (pytest on CUDA tensors)", "", *test_summary(steps[0]), ""]
     body += ["## Benchmarks at reduced shapes", "", "| benchmark | status | s | arguments |", "|---|---|---|---|"]
     for step in steps[1:]:
-        args = " ".join(a for a in step.argv[3:] if not a.startswith("/"))
+        shown = step.argv[3:]
+        if "--out" in shown:  # the temporary folder says nothing
+            i = shown.index("--out")
+            shown = shown[:i] + shown[i + 2:]
+        args = " ".join(shown)
         body.append(f"| {step.name} | {step.status} | {step.seconds:.0f} | `{args}` |")
     for step in steps[1:]:
         body += ["", f"## {step.name}", ""]
@@ -219,8 +237,7 @@ def main(argv: Optional[list[str]] = None, runner: Runner = subprocess_runner) -
     if root is None:
         raise SystemExit("forkdec bench gpu: run it from a forkdec checkout (tests/ not found)")
     out_dir = results_dir(args.out)
-    parts = out_dir / "gpu_parts"
-    parts.mkdir(exist_ok=True)
+    parts = Path(tempfile.mkdtemp(prefix="forkdec-bench-gpu-"))  # each benchmark's own report, merged below
     steps = plan(root, parts, args.dry_run)
     if args.skip_tests:
         steps[0].argv = [sys.executable, "-c", "print('kernel tests skipped (--skip-tests)')"]

@@ -45,6 +45,7 @@ def test_every_gpu_benchmark_and_kernel_test_file_is_planned(tmp_path):
         assert step.argv[-2:] == ["--out", str(tmp_path)]
         assert step.argv[3:-2] == gpu_all.QUICK_ARGS.get(step.name, [])
     pytest_argv = planned[0].argv
+    assert pytest_argv[pytest_argv.index("-k") + 1] == "triton or cuda"
     for test in gpu_all.KERNEL_TESTS:
         assert (ROOT / test).exists(), f"{test} is listed but missing"
         assert test in pytest_argv
@@ -72,8 +73,19 @@ def test_report_collects_tests_and_benchmarks(tmp_path, monkeypatch):
     assert "FAILED tests/test_x.py::test_y" in report
     assert "## gpu_attention" in report and "## gpu_attention title" in report  # its report, demoted
     assert "| gpu_softmax | failed (exit 1) |" in report and "Traceback: it broke" in report
+    assert "`--shapes 512x49152,64x262144 --dtypes bf16 --dry-run`" in report
     assert "FlashInfer (peer)" in report and "flash-attn (peer)" in report
     assert len(runner.calls) == 1 + len(gpu_all.bench_modules())
+    assert not (tmp_path / "gpu_parts").exists()  # the per-benchmark parts live in a temporary folder
+
+
+def test_a_test_run_cut_short_still_reports_what_ran():
+    step = gpu_all.Step("kernel tests (pytest)", [], 10, rc=None, ran=True, seconds=10,
+                        output="tests/test_a.py::test_1 PASSED [ 1%]\ntests/test_a.py::test_2 FAILED [ 2%]\n"
+                               "tests/test_b.py::test_3 SKIPPED (no GPU) [ 3%]\n")
+    lines = "\n".join(gpu_all.test_summary(step))
+    assert "timed out" in lines and "partial, 1 passed, 1 failed, 1 skipped, 0 error" in lines
+    assert "FAILED tests/test_a.py::test_2" in lines
 
 
 def test_budget_and_hangs_are_reported(tmp_path, monkeypatch):

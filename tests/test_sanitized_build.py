@@ -40,7 +40,7 @@ def sanitized_build(tmp_path_factory):
 def test_ctests_and_fuzz_drivers_clean_under_asan_and_ubsan(sanitized_build):
     env = dict(os.environ, ASAN_OPTIONS="detect_leaks=1:abort_on_error=1:strict_string_checks=1",
                UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1")
-    run = subprocess.run(["ctest", "--test-dir", str(sanitized_build), "--output-on-failure", "-j2"],
+    run = subprocess.run(["ctest", "--test-dir", str(sanitized_build), "--output-on-failure", "-V", "-j2"],
                          capture_output=True, text=True, env=env, timeout=RUN_TIMEOUT_S)
     assert run.returncode == 0, run.stdout[-8000:] + run.stderr[-4000:]
     assert "100% tests passed" in run.stdout, run.stdout[-4000:]
@@ -49,6 +49,6 @@ def test_ctests_and_fuzz_drivers_clean_under_asan_and_ubsan(sanitized_build):
     sources += [p.stem for p in (ROOT / "tests" / "fuzz").glob("fuzz_*.cpp")]
     for name in sources:
         assert name in run.stdout, f"{name} did not run under the sanitizers"
-    for line in run.stdout.splitlines():
-        if "fuzz_" in line and "inputs" in line:
-            print(line)
+    counts = [line for line in run.stdout.splitlines() if "fuzz_kernels" in line and " inputs" in line]
+    assert counts, "the fuzz driver printed no input counts"
+    print("\n".join(counts))

@@ -82,7 +82,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rope_qkv_cpu(const at::Tensor& qk
   const char* op = "forkdec::rope_qkv";
   const DType dtype = dtype_of(qkv, op, "qkv");
   TORCH_CHECK(qkv.dim() == 2, op, ": qkv must be [T, (Hq + 2 Hkv) * D], got ", qkv.sizes());
-  TORCH_CHECK(num_q_heads >= 1 && num_kv_heads >= 1, op, ": head counts must be >= 1");
+  TORCH_CHECK(num_q_heads >= 1 && num_kv_heads >= 1, op, ": num_q_heads (", num_q_heads, ") and num_kv_heads (",
+              num_kv_heads, ") must be >= 1");
   const int64_t heads = num_q_heads + 2 * num_kv_heads, t = qkv.size(0);
   TORCH_CHECK(qkv.size(1) % heads == 0 && (qkv.size(1) / heads) % 2 == 0, op, ": qkv width ", qkv.size(1),
               " is not (Hq + 2 Hkv) * D with an even D");
