@@ -148,3 +148,58 @@ def test_torch_compile_traces_the_op():
                       fullgraph=True)
     x = torch.randn(3, 128)
     torch.testing.assert_close(f(x), ops.qlinear(x, w, backend="cpu") * 2)
+
+
+# ---- the model on stored blocks ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def smollm_forms():
+    from forkdec.models import load_model
+
+    try:
+        return {w: load_model(weights=w)[0] for w in ("gguf", "gguf+bf16", "bf16")}
+    except RuntimeError as e:  # the embedded model's package is missing
+        pytest.skip(str(e))
+
+
+def _logits(model, ids):
+    from forkdec.models import ContiguousAttention
+
+    return model(torch.tensor(ids), torch.arange(len(ids)), ContiguousAttention(model.config.num_layers))
+
+
+@needs_ext
+def test_model_forms_route_products(smollm_forms):
+    """gguf+bf16 computes 1-2 row forwards on the blocks (equal to the gguf model) and larger
+    ones in bf16 (equal to the bf16 model); the stored-block logits agree with bf16 closely."""
+    from forkdec.qweight import QuantizedWeight
+
+    gguf, mixed, bf16 = smollm_forms["gguf"], smollm_forms["gguf+bf16"], smollm_forms["bf16"]
+    assert isinstance(gguf.layers[0].qkv, QuantizedWeight) and gguf.layers[0].qkv.qtype == "Q4_1"
+    assert isinstance(gguf.lm_head, QuantizedWeight) and gguf.lm_head.qtype == "Q8_0"
+    assert mixed.layers[0].blocks is not None and not isinstance(mixed.layers[0].qkv, QuantizedWeight)
+    with forkdec.validation(False):
+        for ids in ([17], [17, 912]):
+            assert torch.equal(_logits(mixed, ids), _logits(gguf, ids))
+        ids = [1, 504, 3458, 282, 4649, 314, 7042, 30]
+        assert torch.equal(_logits(mixed, ids), _logits(bf16, ids))
+        a, b = _logits(gguf, ids), _logits(bf16, ids)
+    assert (a - b).norm() / b.norm() < 0.08  # bf16 activations, int8-rounded per block: ~5% here
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.75
+
+
+def test_load_model_refuses_unknown_weights():
+    from forkdec.models import load_model
+
+    with pytest.raises(ValueError, match="^weights: unknown choice 'int3'"):
+        load_model(weights="int3")
+    with pytest.raises(ValueError, match="^weights: 'bf16' conflicts with dtype"):
+        load_model(weights="bf16", dtype=torch.float32)
+
+
+def test_cli_unknown_weights_exits_2_with_one_line(capsys):
+    from forkdec.cli import main
+
+    assert main(["generate", "hi", "--weights", "int3", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "weights: unknown choice 'int3'" in err[0], err

@@ -16,6 +16,7 @@ BENCH_AREAS: dict[str, str] = {
     "gpu-attention": "forkdec.bench.gpu_attention",
     "gpu-sampling": "forkdec.bench.gpu_sampling",
     "engine": "forkdec.bench.engine",
+    "qlinear": "forkdec.bench.qlinear",
     "model": "forkdec.bench.model",
     "speculative-verify": "forkdec.bench.speculative_verify",
     "speculative": "forkdec.bench.speculative",
