@@ -203,3 +203,38 @@ def test_cli_unknown_weights_exits_2_with_one_line(capsys):
     assert main(["generate", "hi", "--weights", "int3", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "weights: unknown choice 'int3'" in err[0], err
+
+
+_COMPILE_SCRIPT = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import forkdec.triton_kernels.qlinear as k
+
+for dtype in ("fp32", "bf16", "fp16"):
+    sig = {"x_ptr": "*" + dtype, "codes_ptr": "*u8", "scale_ptr": "*fp32", "offset_ptr": "*fp32", "bias_ptr": "*fp32",
+           "out_ptr": "*" + dtype, "M": "i32", "N": "i32", "K": "i32", "x_stride": "i32", "code_bytes": "i32",
+           "blocks": "i32", "BITS": "constexpr", "HAS_BIAS": "constexpr", "FP32_DOT": "constexpr",
+           "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"}
+    for arch in (80, 90):
+        for bits in (4, 8):
+            src = ASTSource(k._qlinear_kernel, sig, constexprs={"BITS": bits, "HAS_BIAS": True,
+                            "FP32_DOT": dtype == "fp32", "BLOCK_M": 16, "BLOCK_N": 32})
+            assert "cubin" in triton.compile(src, target=GPUTarget("cuda", arch, 32)).asm
+print("compiled")
+"""
+
+
+def test_triton_kernel_compiles_for_sm80_and_sm90():
+    """Triton's real compiler (to cubin, no GPU needed) on the kernel the interpreter tests."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, env=env,
+                         timeout=900)
+    assert run.returncode == 0 and "compiled" in run.stdout, run.stdout[-2000:] + run.stderr[-4000:]
