@@ -104,19 +104,23 @@ def profile_steps(form: str, ns: list[int], new_tokens: int) -> tuple[list[list[
         engine.generate("Count from one to fifty.", n, params)  # the timing without the profiler
         s = engine.last_stats
         plain = s.decode_seconds / max(s.decode_steps, 1) * 1e3
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            engine.generate("Count from one to fifty.", n, params)
-        s = engine.last_stats
-        steps = max(s.decode_steps, 1)
-        wall = s.decode_seconds / steps * 1e3
+        # Decode steps only: the profile of generate(new_tokens) minus that of generate(1 token),
+        # which holds the prefill and the first draw.
         parts: dict[str, float] = {}
-        for e in prof.key_averages():
-            cat = CATEGORIES.get(e.key, "other aten ops" if e.key.startswith("aten::") else None)
-            if cat is not None:
-                parts[cat] = parts.get(cat, 0.0) + e.self_cpu_time_total / 1e3
-        # Whole generate() under the profiler: prefill is ~1 forward of the prompt; scale by steps.
-        total_steps = steps + 1
-        cells = {c: v / total_steps for c, v in parts.items()}
+        walls = []
+        for sign, tokens in ((1.0, new_tokens), (-1.0, 1)):
+            p = SamplingParams(temperature=0.7, max_new_tokens=tokens, ignore_eos=True, seed=0)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                t0 = time.perf_counter()
+                engine.generate("Count from one to fifty.", n, p)
+                walls.append(time.perf_counter() - t0)
+            for e in prof.key_averages():
+                cat = CATEGORIES.get(e.key, "other aten ops" if e.key.startswith("aten::") else None)
+                if cat is not None:
+                    parts[cat] = parts.get(cat, 0.0) + sign * e.self_cpu_time_total / 1e3
+        steps = new_tokens - 1
+        wall = (walls[0] - walls[1]) * 1e3 / steps
+        cells = {c: max(v, 0.0) / steps for c, v in parts.items()}
         kernel = sum(cells.values())
         step_ms[n] = plain
         rows.append([form, str(n), f"{plain:.1f}", f"{wall:.1f}"]
@@ -161,8 +165,9 @@ def run(argv: list[str] | None = None) -> int:
                  markdown_table(["weights", "n", "step ms (no profiler)", "step ms (profiled)"]
                                 + [f"{p} ms" for p in PART_ORDER] + ["rest: Python, dispatch, waits ms"],
                                 profile_rows), "",
-                 "Parts are profiler self-times per step (generate() of a short prompt, the prefill spread over the "
-                 "steps); the rest is the profiled wall time per step minus them.", "",
+                 "Parts are profiler self-times per decode step: the profile of generate(new tokens) minus that of "
+                 "generate(1 token) (prefill and first draw), divided by the steps between; the rest is the profiled "
+                 "wall time per step minus them.", "",
                  f"## n=1 roofline: read bandwidth {bandwidth:.1f} GB/s (sum over 512 MiB, best of 7)", "",
                  markdown_table(["weights", "weights read per step MiB", "read time ms", "n=1 step ms",
                                  "step / read time"], roofline), ""]
