@@ -4,11 +4,17 @@ SmolLM2-135M-Instruct (the embedded GGUF), a GSM8K test question in the chat
 template, temperature 0.7, every path forced to the full length (ignore_eos;
 peers: min_new_tokens) so tokens/s compare like with like. Two prompts: the
 question alone, and the question after few-shot worked GSM8K examples (~2000
-tokens, shared by all paths). Peers: Hugging Face transformers
-`generate(num_return_sequences=n, do_sample=True)` on the same GGUF in fp32, and
-llama.cpp through llama-cpp-python decoding the same n paths in one batch after
-sharing the prompt by sequence copy (bench/llama_cpp_peer.py; skipped with the
-reason when llama-cpp-python is not installed).
+tokens, shared by all paths). forkdec runs once per weight form (--weights:
+the GGUF blocks as stored, and/or dequantized bf16), plus n=1 with n-gram
+speculation. Peers: Hugging Face transformers `generate(num_return_sequences=n,
+do_sample=True)` on the same GGUF in fp32, and llama.cpp through
+llama-cpp-python decoding the same n paths in one batch after sharing the
+prompt by sequence copy (bench/llama_cpp_peer.py). llama.cpp runs in its own
+process (--llama-python: an interpreter with llama-cpp-python, by default
+/work/llamavenv's when present, else this one), with this environment minus
+OMP_WAIT_POLICY, so that its OpenMP barriers spin as by default; skipped with
+the reason when llama-cpp-python is not installed there. Every configuration
+runs --repeats times; tables give the median and the range.
 """
 from __future__ import annotations
 
@@ -16,6 +22,9 @@ import argparse
 import importlib.util
 import json
 import os
+import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,9 +32,56 @@ from typing import Any
 import torch
 
 from forkdec.bench.common import machine_facts, markdown_table, results_dir, write_report
-from forkdec.bench.llama_cpp_peer import SKIP_REASON, llama_cpp_generate
+from forkdec.bench.llama_cpp_peer import SKIP_REASON
 
-TARGET = "n=32 at least 10x transformers and at least 1.5x llama.cpp (aggregate generated tokens/s)"
+TARGET = ("vs llama.cpp (aggregate generated tokens/s, issue 18): n=1 >= 1.0x (moonshot 1.5x), n=8 >= 2x, n=32 >= 3x, "
+          "n=128 >= 10x; --speculate ngram at n=1 >= 1.5x llama.cpp's plain decoding")
+TARGETS = {1: 1.0, 8: 2.0, 32: 3.0, 128: 10.0}
+DEFAULT_LLAMA_PYTHON = "/work/llamavenv/bin/python"
+
+# Runs in llama.cpp's own process: loads bench/llama_cpp_peer.py without forkdec (whose
+# only import there is the argument checker), reads the jobs as JSON on stdin.
+_LLAMA_RUNNER = r"""
+import importlib.util, json, sys, types
+def require(condition, arg, message):
+    if not condition:
+        raise ValueError(f"{arg}: {message}")
+validation = types.ModuleType("forkdec.validation")
+validation.require = require
+sys.modules.setdefault("forkdec", types.ModuleType("forkdec"))
+sys.modules["forkdec.validation"] = validation
+spec = importlib.util.spec_from_file_location("llama_cpp_peer", sys.argv[1])
+peer = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(peer)
+job = json.loads(sys.stdin.read())
+peer.llama_cpp_generate(job["path"], job["warm_ids"], 2, 4, 0.7, threads=job["threads"])
+results = []
+for run in job["runs"]:
+    r = peer.llama_cpp_generate(job["path"], run["ids"], run["n"], job["max_new"], 0.7, seed=0,
+                                threads=job["threads"], ignore_eos=True)
+    r.pop("tokens", None)
+    r.update(kind=run["kind"], n=run["n"])
+    print(json.dumps(r), flush=True)
+    print(f"llama.cpp {run['kind']} n={run['n']}: {r['generated_tokens'] / (r['prompt_seconds'] + r['decode_seconds']):.1f} tok/s", file=sys.stderr, flush=True)
+"""
+
+
+def run_llama_process(python: str, path: str, runs: list[dict], max_new: int, threads: int, warm_ids: list[int]) -> list[dict]:
+    """llama.cpp's runs in a child process of `python`; its environment is ours minus OMP_WAIT_POLICY."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    job = {"path": path, "runs": runs, "max_new": max_new, "threads": threads, "warm_ids": warm_ids}
+    peer_file = str(Path(__file__).resolve().parent / "llama_cpp_peer.py")
+    proc = subprocess.run([python, "-c", _LLAMA_RUNNER, peer_file], input=json.dumps(job), env=env,
+                          stdout=subprocess.PIPE, stderr=None, text=True, check=True)
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+def llama_available(python: str) -> bool:
+    if not os.path.exists(python):
+        return False
+    probe = subprocess.run([python, "-c", "import importlib.util, sys; "
+                            "sys.exit(importlib.util.find_spec('llama_cpp') is None)"], capture_output=True)
+    return probe.returncode == 0
 FALLBACK_QUESTION = ("Janet's ducks lay 16 eggs per day. She eats three for breakfast every morning and bakes "
                      "muffins for her friends every day with four. She sells the remainder at the farmers' market "
                      "daily for $2 per fresh duck egg. How much in dollars does she make every day at the "
@@ -57,10 +113,10 @@ def prompts(data: list[dict] | None, tokenizer: Any, long_tokens: int) -> dict[s
     return {"short": short, "long": long}
 
 
-def run_engine(engine: Any, prompt: str, n: int, max_new: int) -> dict:
+def run_engine(engine: Any, prompt: str, n: int, max_new: int, speculate: str = "off") -> dict:
     from forkdec.engine import SamplingParams
 
-    params = SamplingParams(temperature=0.7, max_new_tokens=max_new, ignore_eos=True, seed=0)
+    params = SamplingParams(temperature=0.7, max_new_tokens=max_new, ignore_eos=True, seed=0, speculate=speculate)
     engine.generate(prompt, n, params)
     s = engine.last_stats
     return {"tok_s": s.tokens_per_second, "tokens": s.generated_tokens, "seconds": s.seconds,
@@ -116,136 +172,159 @@ def plot(path: Path, series: dict[str, list[tuple[int, float]]]) -> None:
     print(f"wrote {path}")
 
 
+def _spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
+
+
+def _cell(r: dict | None) -> str:
+    if not r:
+        return "-"
+    return f"{r['median']:.1f} ({r['min']:.1f}-{r['max']:.1f})"
+
+
 def run(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="forkdec bench engine", description=__doc__)
     parser.add_argument("--n", default="1,8,32,128", help="comma-separated path counts")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--long-tokens", type=int, default=2000, help="target length of the few-shot prompt")
-    parser.add_argument("--long-n", default=None, help="path counts for the long prompt (default: --n)")
-    parser.add_argument("--peer-n", default="1,8,32", help="path counts for transformers (it is slow)")
+    parser.add_argument("--long-n", default=None, help="path counts for the long prompt (default: --n; '' for none)")
+    parser.add_argument("--weights", default="gguf+bf16,bf16", help="forkdec weight forms to run (load_model weights=)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per configuration (median and range reported)")
+    parser.add_argument("--no-speculate", action="store_true", help="skip the n=1 --speculate ngram row")
+    parser.add_argument("--peer-n", default="", help="path counts for transformers (slow; default: not run)")
     parser.add_argument("--peer-max-new-tokens", type=int, default=None, help="default: --max-new-tokens")
-    parser.add_argument("--peer-long", action="store_true", help="also run transformers on the long prompt")
-    parser.add_argument("--llama-n", default=None, help="path counts for llama.cpp (default: --peer-n)")
+    parser.add_argument("--llama-n", default=None, help="path counts for llama.cpp (default: --n)")
     parser.add_argument("--llama-threads", type=int, default=2, help="llama.cpp decode threads")
+    parser.add_argument("--llama-python", default=None,
+                        help=f"interpreter with llama-cpp-python (default: {DEFAULT_LLAMA_PYTHON} if present)")
     parser.add_argument("--no-peers", action="store_true")
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="engine dtype (default: loader's)")
-    parser.add_argument("--quick", action="store_true",
-                        help="n 1,8,32; 64 new tokens; long prompt at n 8,32; peers on the short prompt only")
+    parser.add_argument("--quick", action="store_true", help="n 1,8,32; 64 new tokens; one repeat; no long prompt")
     parser.add_argument("--data", default=str(Path(__file__).resolve().parents[1].parent / "shared/data/gsm8k/test.jsonl"))
     parser.add_argument("--out", help="results folder (default: bench/results in a checkout)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.n, args.max_new_tokens, args.long_n = "1,8,32", 64, args.long_n or "8,32"
-    ns = [int(v) for v in args.n.split(",")]
-    long_ns = [int(v) for v in (args.long_n or args.n).split(",")]
-    peer_ns = [int(v) for v in args.peer_n.split(",")]
+        args.n, args.max_new_tokens, args.long_n, args.repeats = "1,8,32", 64, "", 1
+    ints = lambda text: [int(v) for v in text.split(",") if v.strip()]  # noqa: E731
+    ns = ints(args.n)
+    long_ns = ints(args.n if args.long_n is None else args.long_n)
+    peer_ns = ints(args.peer_n)
     peer_new = args.peer_max_new_tokens or args.max_new_tokens
+    forms = [w.strip() for w in args.weights.split(",") if w.strip()]
 
     import forkdec
     from forkdec.engine import Engine, SamplingParams
-    from forkdec.models import default_model_path
+    from forkdec.models import default_model_path, load_model
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, None: None}[args.dtype]
-    engine = Engine(dtype=dtype)
     data_note = "GSM8K test question 1"
     data = gsm8k(args.data)
     if data is None:
         data_note = f"{args.data} missing: a fixed built-in GSM8K-style question"
         print(data_note)
-    texts = prompts(data, engine.tokenizer, args.long_tokens)
-    engine.generate("warm up", 2, SamplingParams(max_new_tokens=4))  # first-call costs out of the timings
+    results: dict[str, dict[tuple[str, int], dict]] = {}  # form -> (prompt kind, n) -> spread of tok/s
+    extra: dict[str, dict] = {}
+    engine = None
+    for form in forms:
+        model, tokenizer = load_model(weights=form)
+        engine = Engine(model, tokenizer=tokenizer)
+        texts = prompts(data, engine.tokenizer, args.long_tokens)
+        engine.generate("warm up", 2, SamplingParams(max_new_tokens=4))  # first-call costs out of the timings
+        results[form] = {}
+        for kind, counts in (("short", ns), ("long", long_ns)):
+            for n in counts:
+                runs = [run_engine(engine, texts[kind], n, args.max_new_tokens) for _ in range(args.repeats)]
+                results[form][(kind, n)] = _spread([r["tok_s"] for r in runs])
+                extra[f"{form}/{kind}/{n}"] = runs[-1]
+                print(f"forkdec[{form}] {kind} n={n}: {_cell(results[form][(kind, n)])} tok/s "
+                      f"(prompt {runs[-1]['prompt_tokens']} tokens)", flush=True)
+        if not args.no_speculate and form == forms[0]:
+            runs = [run_engine(engine, texts["short"], 1, args.max_new_tokens, speculate="ngram")
+                    for _ in range(args.repeats)]
+            results[form][("short-ngram", 1)] = _spread([r["tok_s"] for r in runs])
+            print(f"forkdec[{form}] short n=1 --speculate ngram: {_cell(results[form][('short-ngram', 1)])} tok/s")
+        del engine.model, model
+    assert engine is not None, "--weights names no form"
 
-    results: dict[str, dict[int, dict]] = {"short": {}, "long": {}}
-    for kind, counts in (("short", ns), ("long", long_ns)):
-        for n in counts:
-            r = run_engine(engine, texts[kind], n, args.max_new_tokens)
-            results[kind][n] = r
-            print(f"forkdec {kind} n={n}: {r['tok_s']:.1f} tok/s ({r['tokens']} tokens, {r['seconds']:.1f} s, "
-                  f"prompt {r['prompt_tokens']} tokens)")
-
-    peers: dict[str, dict[int, dict]] = {"short": {}, "long": {}}
     skipped: list[str] = []
-    if args.no_peers:
-        skipped.append("transformers: --no-peers")
+    peers: dict[tuple[str, int], dict] = {}
+    if args.no_peers or not peer_ns:
+        skipped.append("transformers: not run (--peer-n; see bench/results/engine.md history for its numbers)")
     elif importlib.util.find_spec("transformers") is None:
         skipped.append("transformers: not installed (pip install transformers accelerate)")
     else:
         hf = Transformers(default_model_path())
-        for kind in ("short", "long") if args.peer_long else ("short",):
-            ids = engine.encode(texts[kind])
-            for n in peer_ns:
-                r = hf.run(ids, n, peer_new)
-                peers[kind][n] = r
-                print(f"transformers {kind} n={n}: {r['tok_s']:.1f} tok/s ({r['tokens']} tokens, {r['seconds']:.1f} s)")
-        if not args.peer_long:
-            skipped.append("transformers on the long prompt: not run (--peer-long; it prefills the prompt once per path)")
-    llama: dict[str, dict[int, dict]] = {"short": {}, "long": {}}
+        ids = engine.encode(texts["short"])
+        for n in peer_ns:
+            peers[("short", n)] = _spread([hf.run(ids, n, peer_new)["tok_s"] for _ in range(args.repeats)])
+            print(f"transformers short n={n}: {_cell(peers[('short', n)])} tok/s")
+    llama: dict[tuple[str, int], dict] = {}
     llama_version = "not run"
+    python = args.llama_python or (DEFAULT_LLAMA_PYTHON if os.path.exists(DEFAULT_LLAMA_PYTHON) else sys.executable)
     if args.no_peers:
         skipped.append("llama.cpp: --no-peers")
-    elif importlib.util.find_spec("llama_cpp") is None:
-        skipped.append(f"llama.cpp: {SKIP_REASON}")
+    elif not llama_available(python):
+        skipped.append(f"llama.cpp: not importable by {python}: {SKIP_REASON}")
     else:
-        # First-call costs (thread pool, compute graph) out of the timings, as for forkdec.
-        llama_cpp_generate(default_model_path(), engine.encode("warm up"), 2, 4, 0.7, threads=args.llama_threads)
-        for kind in ("short", "long"):
-            ids = engine.encode(texts[kind])
-            for n in [int(v) for v in (args.llama_n or args.peer_n).split(",")]:
-                r = llama_cpp_generate(default_model_path(), ids, n, peer_new, 0.7, seed=0,
-                                       threads=args.llama_threads, ignore_eos=True)
-                seconds = r["prompt_seconds"] + r["decode_seconds"]
-                llama[kind][n] = {"tok_s": r["generated_tokens"] / seconds, "tokens": r["generated_tokens"],
-                                  "seconds": seconds}
-                llama_version = f"{r['version']}; {r['settings']}"
-                print(f"llama.cpp {kind} n={n}: {llama[kind][n]['tok_s']:.1f} tok/s ({r['generated_tokens']} "
-                      f"tokens, {seconds:.1f} s, prompt {r['prompt_seconds']:.2f} s)")
+        llama_ns = ints(args.llama_n) if args.llama_n else ns
+        runs = [{"kind": kind, "n": n, "ids": engine.encode(texts[kind])}
+                for kind, counts in (("short", llama_ns), ("long", [n for n in llama_ns if n in long_ns]))
+                for n in counts for _ in range(args.repeats)]
+        by: dict[tuple[str, int], list[float]] = {}
+        for r in run_llama_process(python, default_model_path(), runs, peer_new, args.llama_threads,
+                                   engine.encode("warm up")):
+            by.setdefault((r["kind"], r["n"]), []).append(r["generated_tokens"] / (r["prompt_seconds"] + r["decode_seconds"]))
+            llama_version = f"{r['version']}; {r['settings']}"
+        llama = {key: _spread(v) for key, v in by.items()}
 
     out = results_dir(args.out)
+    header = ["prompt", "n"] + [f"forkdec {f} tok/s" for f in forms] + ["llama.cpp tok/s"] + \
+        [f"{f} / llama.cpp" for f in forms] + ["target"]
     rows = []
-    for kind in ("short", "long"):
-        for n, r in results[kind].items():
-            peer, lc = peers[kind].get(n), llama[kind].get(n)
-            rows.append([kind, str(r["prompt_tokens"]), str(n), f"{r['tok_s']:.1f}", f"{r['decode_tok_s']:.1f}",
-                         f"{r['prefill_s']:.2f}", f"{peer['tok_s']:.1f}" if peer else "-",
-                         f"{r['tok_s'] / peer['tok_s']:.1f}x" if peer else "-",
-                         f"{lc['tok_s']:.1f}" if lc else "-", f"{r['tok_s'] / lc['tok_s']:.2f}x" if lc else "-",
-                         f"{r['kv_prompt'] / 2**20:.1f}", f"{r['kv_peak'] / 2**20:.1f}",
-                         f"{r['kv_copied'] / 2**20:.1f}"])
-    header = ["prompt", "prompt tokens", "n", "forkdec tok/s", "forkdec decode-only tok/s", "prefill s",
-              "transformers tok/s", "vs transformers", "llama.cpp tok/s", "vs llama.cpp", "KV prompt MiB (once)",
-              "KV peak MiB", "KV if prompt copied per path MiB"]
-    verdict = "; ".join(_verdict(results["short"].get(32), peer_runs["short"].get(32), name, factor)
-                        for name, peer_runs, factor in (("transformers", peers, 10.0), ("llama.cpp", llama, 1.5)))
+    for key in sorted({k for f in forms for k in results[f]}, key=lambda k: (k[0], k[1])):
+        kind, n = key
+        lc = llama.get(("short", 1) if kind == "short-ngram" else key)
+        ratios = [f"{results[f][key]['median'] / lc['median']:.2f}x" if lc and key in results[f] else "-" for f in forms]
+        target = "1.5x (ngram)" if kind == "short-ngram" else (f"{TARGETS[n]:g}x" if kind == "short" and n in TARGETS else "lead")
+        rows.append([kind, str(n)] + [_cell(results[f].get(key)) for f in forms] + [_cell(lc)] + ratios + [target])
+    if peers:
+        rows += [["short (transformers)", str(n), _cell(r)] + ["-"] * (len(header) - 3) for (k, n), r in peers.items()]
+    prompt_tokens = {kind: extra[f"{forms[0]}/{kind}/{n}"]["prompt_tokens"]
+                     for kind, counts in (("short", ns), ("long", long_ns)) for n in counts[:1]}
     body = "\n".join([
-        f"Target: {TARGET}. Result: {verdict}.", "",
+        f"Targets: {TARGET}.", "",
         markdown_table(header, rows), "",
-        "tok/s = generated tokens / wall time of generate() (prefill included); every path decodes the full length.",
-        "KV prompt: the prompt's pages, held once whatever n is; KV peak: all pages held at the busiest step;",
-        "the last column is what the same step would hold if each path had its own copy of the prompt.", "",
+        f"tok/s = generated tokens / wall time of generate() (prefill included), median of {args.repeats} runs "
+        "(range in parentheses); every path decodes the full length. Ratios are of medians. "
+        f"Prompt tokens: {prompt_tokens}. short-ngram: n=1 with `--speculate ngram`, compared with llama.cpp's "
+        "plain n=1.", "",
         "Skipped: " + ("; ".join(skipped) if skipped else "nothing"),
     ])
     facts = machine_facts({
-        "model": "SmolLM2-135M-Instruct Q4_1 GGUF (embedded), dequantized",
-        "forkdec engine dtype": str(engine.model.dtype).replace("torch.", ""),
-        "transformers": _version("transformers") + " fp32",
-        "llama.cpp": llama_version + " (same GGUF file, Q4_1/Q8_0 weights as stored)",
+        "model": "SmolLM2-135M-Instruct GGUF (embedded): Q4_1 matrices, Q8_0 token_embd / tied LM head",
+        "forkdec weight forms": ", ".join(forms) + " (load_model weights=; gguf+bf16: stored blocks for products "
+                                "of <= 2 rows, bf16 copies above)",
+        "llama.cpp": llama_version + f" (same GGUF file, weights as stored; own process: {python}, "
+                     f"{args.llama_threads} threads, OMP_WAIT_POLICY removed from its environment)",
+        "transformers": _version("transformers") + " fp32" if peers else "not run",
         "prompt": data_note + ", chat template",
         "sampling": "temperature 0.7, top-k/top-p off, seed 0, EOS ignored / min_new_tokens = max_new_tokens",
         "new tokens per path": f"forkdec {args.max_new_tokens}, peers {peer_new}",
-        "sampler": "forkdec.ops.sample" if hasattr(forkdec.ops, "sample") else "engine fallback sampler",
-        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "unset (libgomp spins)"),
+        "forkdec OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "unset (libgomp spins)"),
+        "torch threads": str(torch.get_num_threads()),
         "load average (1, 5, 15 min) at the end": ", ".join(f"{x:.1f}" for x in os.getloadavg()),
-        "note": "one run on a machine shared with other jobs (2 cores); treat as indicative",
+        "note": "a machine shared with other agents' jobs (2 cores, loaded): numbers are indicative",
     })
     write_report(out / "engine.md", "Engine: tokens/s vs paths", facts, body)
-    plot(out / "engine.png", {
-        "forkdec, short prompt": sorted((n, r["tok_s"]) for n, r in results["short"].items()),
-        "forkdec, ~2k-token prompt": sorted((n, r["tok_s"]) for n, r in results["long"].items()),
-        "transformers, short prompt": sorted((n, r["tok_s"]) for n, r in peers["short"].items()),
-        "transformers, ~2k-token prompt": sorted((n, r["tok_s"]) for n, r in peers["long"].items()),
-        "llama.cpp, short prompt": sorted((n, r["tok_s"]) for n, r in llama["short"].items()),
-        "llama.cpp, ~2k-token prompt": sorted((n, r["tok_s"]) for n, r in llama["long"].items()),
-    })
+    series = {f"forkdec {f}, short prompt": sorted((n, r["median"]) for (k, n), r in results[f].items() if k == "short")
+              for f in forms}
+    series.update({f"forkdec {f}, long prompt": sorted((n, r["median"]) for (k, n), r in results[f].items()
+                                                       if k == "long") for f in forms})
+    series["llama.cpp, short prompt"] = sorted((n, r["median"]) for (k, n), r in llama.items() if k == "short")
+    series["llama.cpp, long prompt"] = sorted((n, r["median"]) for (k, n), r in llama.items() if k == "long")
+    plot(out / "engine.png", series)
+    (out / "engine.json").write_text(json.dumps({f: {f"{k}/{n}": r for (k, n), r in res.items()}
+                                                 for f, res in results.items()}
+                                                | {"llama.cpp": {f"{k}/{n}": r for (k, n), r in llama.items()}},
+                                                indent=1))
     return 0
 
 

@@ -148,3 +148,93 @@ def test_torch_compile_traces_the_op():
                       fullgraph=True)
     x = torch.randn(3, 128)
     torch.testing.assert_close(f(x), ops.qlinear(x, w, backend="cpu") * 2)
+
+
+# ---- the model on stored blocks ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def smollm_forms():
+    from forkdec.models import load_model
+
+    try:
+        return {w: load_model(weights=w)[0] for w in ("gguf", "gguf+bf16", "bf16")}
+    except RuntimeError as e:  # the embedded model's package is missing
+        pytest.skip(str(e))
+
+
+def _logits(model, ids):
+    from forkdec.models import ContiguousAttention
+
+    return model(torch.tensor(ids), torch.arange(len(ids)), ContiguousAttention(model.config.num_layers))
+
+
+@needs_ext
+def test_model_forms_route_products(smollm_forms):
+    """gguf+bf16 computes 1-2 row forwards on the blocks (equal to the gguf model) and larger
+    ones in bf16 (equal to the bf16 model); the stored-block logits agree with bf16 closely."""
+    from forkdec.qweight import QuantizedWeight
+
+    gguf, mixed, bf16 = smollm_forms["gguf"], smollm_forms["gguf+bf16"], smollm_forms["bf16"]
+    assert isinstance(gguf.layers[0].qkv, QuantizedWeight) and gguf.layers[0].qkv.qtype == "Q4_1"
+    assert isinstance(gguf.lm_head, QuantizedWeight) and gguf.lm_head.qtype == "Q8_0"
+    assert mixed.layers[0].blocks is not None and not isinstance(mixed.layers[0].qkv, QuantizedWeight)
+    with forkdec.validation(False):
+        for ids in ([17], [17, 912]):
+            assert torch.equal(_logits(mixed, ids), _logits(gguf, ids))
+        ids = [1, 504, 3458, 282, 4649, 314, 7042, 30]
+        assert torch.equal(_logits(mixed, ids), _logits(bf16, ids))
+        a, b = _logits(gguf, ids), _logits(bf16, ids)
+    assert (a - b).norm() / b.norm() < 0.08  # bf16 activations, int8-rounded per block: ~5% here
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.75
+
+
+def test_load_model_refuses_unknown_weights():
+    from forkdec.models import load_model
+
+    with pytest.raises(ValueError, match="^weights: unknown choice 'int3'"):
+        load_model(weights="int3")
+    with pytest.raises(ValueError, match="^weights: 'bf16' conflicts with dtype"):
+        load_model(weights="bf16", dtype=torch.float32)
+
+
+def test_cli_unknown_weights_exits_2_with_one_line(capsys):
+    from forkdec.cli import main
+
+    assert main(["generate", "hi", "--weights", "int3", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "weights: unknown choice 'int3'" in err[0], err
+
+
+_COMPILE_SCRIPT = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import forkdec.triton_kernels.qlinear as k
+
+for dtype in ("fp32", "bf16", "fp16"):
+    sig = {"x_ptr": "*" + dtype, "codes_ptr": "*u8", "scale_ptr": "*fp32", "offset_ptr": "*fp32", "bias_ptr": "*fp32",
+           "out_ptr": "*" + dtype, "M": "i32", "N": "i32", "K": "i32", "x_stride": "i32", "code_bytes": "i32",
+           "blocks": "i32", "BITS": "constexpr", "HAS_BIAS": "constexpr", "FP32_DOT": "constexpr",
+           "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"}
+    for arch in (80, 90):
+        for bits in (4, 8):
+            src = ASTSource(k._qlinear_kernel, sig, constexprs={"BITS": bits, "HAS_BIAS": True,
+                            "FP32_DOT": dtype == "fp32", "BLOCK_M": 16, "BLOCK_N": 32})
+            assert "cubin" in triton.compile(src, target=GPUTarget("cuda", arch, 32)).asm
+print("compiled")
+"""
+
+
+def test_triton_kernel_compiles_for_sm80_and_sm90():
+    """Triton's real compiler (to cubin, no GPU needed) on the kernel the interpreter tests."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, env=env,
+                         timeout=900)
+    assert run.returncode == 0 and "compiled" in run.stdout, run.stdout[-2000:] + run.stderr[-4000:]

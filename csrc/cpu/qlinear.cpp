@@ -28,18 +28,20 @@ namespace ql {
 constexpr int64_t kChunkOfBlock[4] = {0, 2, 1, 3};
 
 // The quantized activations of m rows: codes [m, k_padded] int8 in packed
-// order, then per row and chunk the fp32 scale and scale * sum(codes).
+// order; each chunk's fp32 scale repeated for its 8 int32 lanes ([m, k_padded / 4],
+// so a kernel loads the scales of a vector's lanes directly); per row and chunk
+// scale * sum(codes) ([m, k_padded / 32]).
 struct Scratch {
   const int8_t* codes;
-  const float* scale;
+  const float* lane_scale;
   const float* scaled_sum;
   int64_t k_padded;
   int64_t blocks;  // k_padded / 32
 
   Scratch(const void* base, int64_t m, int64_t kp)
       : codes(static_cast<const int8_t*>(base)),
-        scale(reinterpret_cast<const float*>(static_cast<const char*>(base) + codes_bytes(m, kp))),
-        scaled_sum(scale + m * (kp / kQBlock)),
+        lane_scale(reinterpret_cast<const float*>(static_cast<const char*>(base) + codes_bytes(m, kp))),
+        scaled_sum(lane_scale + m * (kp / 4)),
         k_padded(kp),
         blocks(kp / kQBlock) {}
 
@@ -139,14 +141,15 @@ RowsKernel rows_kernel() {
 }
 
 template <class T>
-void quantize_row(const T* x, int64_t k, int64_t k_padded, int8_t* codes, float* scale, float* scaled_sum) {
+void quantize_row(const T* x, int64_t k, int64_t k_padded, int8_t* codes, float* lane_scale, float* scaled_sum) {
   float v[kQBlock];
   for (int64_t b = 0; b < k_padded / kQBlock; ++b) {
     const int64_t pos = b / 4 * 4 + kChunkOfBlock[b % 4];  // chunk index in packed order
     int8_t* q = codes + pos * kQBlock;
     if (b * kQBlock >= k) {
       std::memset(q, 0, kQBlock);
-      scale[pos] = scaled_sum[pos] = 0.0f;
+      std::fill(lane_scale + pos * 8, lane_scale + pos * 8 + 8, 0.0f);
+      scaled_sum[pos] = 0.0f;
       continue;
     }
     float amax = 0.0f;
@@ -161,7 +164,7 @@ void quantize_row(const T* x, int64_t k, int64_t k_padded, int8_t* codes, float*
       q[i] = static_cast<int8_t>(std::clamp(c, -127, 127));
       sum += q[i];
     }
-    scale[pos] = d;
+    std::fill(lane_scale + pos * 8, lane_scale + pos * 8 + 8, d);
     scaled_sum[pos] = d * static_cast<float>(sum);
   }
 }
@@ -170,18 +173,18 @@ void quantize_row(const T* x, int64_t k, int64_t k_padded, int8_t* codes, float*
 }  // namespace ql
 
 int64_t qlinear_scratch_bytes(int64_t m, int64_t k_padded) {
-  return ql::Scratch::codes_bytes(m, k_padded) + 2 * m * (k_padded / kQBlock) * int64_t{sizeof(float)};
+  return ql::Scratch::codes_bytes(m, k_padded) + m * (k_padded / 4 + k_padded / kQBlock) * int64_t{sizeof(float)};
 }
 
 void qlinear_quantize_rows(const void* x, DType dtype, int64_t x_stride, int64_t k, int64_t k_padded,
                            int64_t begin, int64_t end, int64_t m, void* scratch) {
   const ql::Scratch s(scratch, m, k_padded);
   int8_t* codes = const_cast<int8_t*>(s.codes);
-  float* scale = const_cast<float*>(s.scale);
+  float* lane_scale = const_cast<float*>(s.lane_scale);
   float* scaled_sum = const_cast<float*>(s.scaled_sum);
   for (int64_t r = begin; r < end; ++r) {
     int8_t* q = codes + r * k_padded;
-    float* d = scale + r * s.blocks;
+    float* d = lane_scale + r * (k_padded / 4);
     float* ds = scaled_sum + r * s.blocks;
     switch (dtype) {
       case DType::f32:
@@ -280,13 +283,13 @@ QL_INLINE typename Vec<W>::I32 dot(typename Vec<W>::U8 a, typename Vec<W>::S8 b)
 // Lanes 8g .. 8g + 7 (the int32 lanes of one 32-byte chunk) take p[g].
 template <int W>
 QL_INLINE typename Vec<W>::F32 expand(const float* p) {
-  typename Vec<W>::F32 v = {};
-  std::memcpy(&v, p, sizeof(float) * (W / 32));
-  using Idx = typename Vec<W>::I32;
+  using F = typename Vec<W>::F32;
+  const F a = p[0] + F{};
   if constexpr (W == 64) {
-    return __builtin_shuffle(v, (Idx){0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1});
+    const F b = p[1] + F{};
+    return __builtin_shuffle(a, b, (typename Vec<W>::I32){0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23});
   } else {
-    return __builtin_shuffle(v, (Idx){0, 0, 0, 0, 0, 0, 0, 0});
+    return a;
   }
 }
 
@@ -318,12 +321,12 @@ QL_INLINE void step(const QWeightView& w, int64_t row, const Scratch& x, int64_t
   const typename V::F32 w_lo = expand<W>(ws), w_hi = expand<W>(ws + 2);
 #pragma GCC unroll 8
   for (int r = 0; r < MT; ++r) {
-    const int8_t* xc = x.codes + (x0 + r) * x.k_padded + sb * kQSuperblock + s;
-    const float* xs = x.scale + (x0 + r) * x.blocks + chunk;
-    const typename V::I32 d_lo = dot<W, Bits>(lo, vload<typename V::S8>(xc));
-    const typename V::I32 d_hi = dot<W, Bits>(hi, vload<typename V::S8>(xc + 64));
-    acc[r] += __builtin_convertvector(d_lo, typename V::F32) * (w_lo * expand<W>(xs));
-    acc[r] += __builtin_convertvector(d_hi, typename V::F32) * (w_hi * expand<W>(xs + 2));
+    const int64_t at = (x0 + r) * x.k_padded + sb * kQSuperblock + s;
+    const typename V::I32 d_lo = dot<W, Bits>(lo, vload<typename V::S8>(x.codes + at));
+    const typename V::I32 d_hi = dot<W, Bits>(hi, vload<typename V::S8>(x.codes + at + 64));
+    const float* xs = x.lane_scale + at / 4;
+    acc[r] += __builtin_convertvector(d_lo, typename V::F32) * (w_lo * vload<typename V::F32>(xs));
+    acc[r] += __builtin_convertvector(d_hi, typename V::F32) * (w_hi * vload<typename V::F32>(xs + 16));
   }
 }
 

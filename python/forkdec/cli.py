@@ -20,6 +20,7 @@ BENCH_AREAS: dict[str, str] = {
     "gpu-sampling": "forkdec.bench.gpu_sampling",
     "engine": "forkdec.bench.engine",
     "tree": "forkdec.bench.tree",
+    "qlinear": "forkdec.bench.qlinear",
     "model": "forkdec.bench.model",
     "speculative-verify": "forkdec.bench.speculative_verify",
     "speculative": "forkdec.bench.speculative",

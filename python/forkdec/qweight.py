@@ -112,7 +112,7 @@ def pack_gguf(raw: np.ndarray | Tensor, ggml_type: int, shape: tuple[int, int], 
     n, k = int(shape[0]), int(shape[1])
     if k <= 0 or k % BLOCK:
         raise ValueError(f"{name}: {qtype} rows must hold a positive multiple of {BLOCK} values, got {k}")
-    data = torch.as_tensor(np.ascontiguousarray(raw)) if isinstance(raw, np.ndarray) else raw
+    data = torch.from_numpy(np.array(raw, dtype=np.uint8, copy=True)) if isinstance(raw, np.ndarray) else raw
     nb = k // BLOCK
     if data.dtype != torch.uint8 or data.numel() != n * nb * block_bytes:
         raise ValueError(f"{name}: expected {n * nb * block_bytes} bytes of {qtype} for shape ({n}, {k}), "

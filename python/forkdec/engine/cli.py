@@ -50,6 +50,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="PATH", help="also write the result as JSON")
     p.add_argument("--model", metavar="PATH", help="GGUF file (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="compute dtype (default: the loader's)")
+    p.add_argument("--weights", default=None, metavar="KIND", help="gguf, gguf+bf16, bf16 or fp32: compute with the "
+                   "GGUF blocks as stored, or dequantized (default: forkdec.models.default_weights)")
     p.add_argument("--max-kv-bytes", type=int, default=None, help="KV cache budget in bytes")
     p.add_argument("--kv", default=None, metavar="KIND", help="KV cache kind: fp32, bf16, fp16, xquant-4, "
                    "xquant-latent-4, xquant-cl-2, kivi-4, ... (default: K/V in the model's dtype)")
@@ -90,7 +92,7 @@ def apply_calib(args: argparse.Namespace, model: Any, tokenizer: Any) -> None:
             raise ValueError(str(e).replace("data:", "calib:", 1)) from None
 
 
-def load(path: str | None, dtype: torch.dtype | None) -> tuple[Any, Any]:
+def load(path: str | None, dtype: torch.dtype | None, weights: str | None = None) -> tuple[Any, Any]:
     """The model and tokenizer; any failure to read the file is the `model` argument's fault."""
     if path is not None:
         require(Path(path).exists(), "model", f"no such file or directory: {path}")
@@ -99,10 +101,10 @@ def load(path: str | None, dtype: torch.dtype | None) -> tuple[Any, Any]:
     except ImportError as e:
         raise ValueError(f"model: forkdec.models is not available in this install ({e})") from None
     try:
-        return load_model(path, dtype=dtype)
+        return load_model(path, dtype=dtype, weights=weights)
     except (ValueError, OSError, KeyError, IndexError, TypeError, NotImplementedError, RuntimeError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ValueError(msg if msg.startswith("model") else f"model: cannot load {path or 'the default model'}: {msg}") from None
+        raise ValueError(msg if msg.startswith(("model", "weights:")) else f"model: cannot load {path or 'the default model'}: {msg}") from None
 
 
 def _compact(text: str, width: int = 90) -> str:
@@ -132,7 +134,7 @@ def run(argv: list[str]) -> int:
                             speculate=args.speculate, draft_budget=args.draft_budget,
                             confidence_k=20 if (args.json or args.vote.startswith("deepconf")) and args.speculate == "off"
                             else 0)
-    model, tokenizer = load(args.model, DTYPES.get(args.dtype))
+    model, tokenizer = load(args.model, DTYPES.get(args.dtype), args.weights)
     apply_calib(args, model, tokenizer)
     if args.search != "none":
         return run_search(args, model, tokenizer)

@@ -27,6 +27,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk", type=int, default=128, help="tokens fed per forward (default 128)")
     p.add_argument("--model", metavar="PATH", help="GGUF file or HF folder (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="compute dtype (default fp32)")
+    p.add_argument("--weights", default=None, metavar="KIND", help="gguf, gguf+bf16, bf16 or fp32 (default: dense "
+                   "weights in --dtype); bf16 and gguf+bf16 compute in bf16")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     add_calib_options(p)
     p.add_argument("--json", metavar="PATH", help="also write the result as JSON")
@@ -99,7 +101,8 @@ def run(argv: list[str]) -> int:
     require(args.threads is None or args.threads >= 1, "threads", f"must be >= 1, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer = load(args.model, DTYPES[args.dtype])
+    dtype = DTYPES[args.dtype] if args.weights in (None, "gguf") else None
+    model, tokenizer = load(args.model, dtype, args.weights)
     apply_calib(args, model, tokenizer)
     ids = read_tokens(args.data, tokenizer, None if args.windows is None else args.windows * args.window)
 

@@ -1,11 +1,16 @@
 """Load a llama- or qwen2-architecture GGUF file (llama.cpp's format) into LlamaModel.
 
-Metadata and the tensor table are read by `gguf_file.GGUFFile`; tensors are
-dequantized with the `gguf` package (Q4_1, Q8_0, F16, F32 and whatever else it
-can dequantize) to fp32, then cast to the model dtype.
+Metadata and the tensor table are read by `gguf_file.GGUFFile`. With
+quantized=False every tensor is dequantized with the `gguf` package (Q4_1, Q8_0,
+F16, F32 and whatever else it can dequantize) to fp32, then cast to the model
+dtype. With quantized=True the matrices in a format the qlinear kernels compute
+with (Q4_0, Q4_1, Q8_0) stay as stored, packed by forkdec.qweight.pack_gguf; any
+other matrix format (Q4_K, Q6_K, F16, ...) falls back to dequantized weights with
+a warning naming the tensor and its type.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -14,6 +19,7 @@ import torch
 from forkdec.models.config import ModelConfig
 from forkdec.models.gguf_file import GGUFFile
 from forkdec.models.llama import LlamaModel
+from forkdec.qweight import QuantizedWeight, ggml_type_name, pack_gguf, supported
 
 # GGUF tensor name -> Hugging Face name (per block: "blk.{i}." -> "model.layers.{i}.").
 _GLOBAL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
@@ -98,12 +104,20 @@ def _unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def read_weights(reader: GGUFFile, config: ModelConfig, path: str) -> dict[str, torch.Tensor]:
-    """Every tensor dequantized to fp32, under its Hugging Face name, q/k rows un-permuted."""
+def _unpermute_index(rows: int, heads: int) -> torch.Tensor:
+    """The row order `_unpermute` applies, as an index (to permute packed rows)."""
+    return _unpermute(torch.arange(rows)[:, None], heads)[:, 0]
+
+
+def read_weights(reader: GGUFFile, config: ModelConfig, path: str,
+                 quantized: bool = False) -> dict[str, torch.Tensor | QuantizedWeight]:
+    """Every tensor under its Hugging Face name, q/k rows un-permuted: fp32, or with
+    quantized=True the Q4_0/Q4_1/Q8_0 matrices as packed QuantizedWeights."""
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, torch.Tensor | QuantizedWeight] = {}
+    fallbacks: list[str] = []
     for t in reader.tensors:
         name = _GLOBAL.get(t.name)
         if name is None and t.name.startswith("blk."):
@@ -112,6 +126,17 @@ def read_weights(reader: GGUFFile, config: ModelConfig, path: str) -> dict[str, 
                 name = f"model.layers.{i}.{_BLOCK[rest]}"
         if name is None:
             continue  # e.g. rope_freqs: derived from the config instead
+        heads = None
+        if config.architecture == "llama" and ".attn_q." in t.name:  # only llama's converter permutes q/k
+            heads = config.num_heads
+        elif config.architecture == "llama" and ".attn_k." in t.name:
+            heads = config.num_kv_heads
+        if quantized and len(t.shape) == 2:
+            if supported(t.ggml_type):
+                w = pack_gguf(reader.tensor_data(t), t.ggml_type, tuple(t.shape), name=t.name)
+                out[name] = w if heads is None else w.rows(_unpermute_index(t.shape[0], heads))
+                continue
+            fallbacks.append(f"{t.name} ({ggml_type_name(t.ggml_type)})")
         try:
             kind = GGMLQuantizationType(t.ggml_type)
             array = dequantize(reader.tensor_data(t), kind)
@@ -121,21 +146,21 @@ def read_weights(reader: GGUFFile, config: ModelConfig, path: str) -> dict[str, 
         if not array.flags.writeable:  # F32 tensors come back as views of the read-only map
             array = array.copy()
         w = torch.from_numpy(array).reshape(t.shape)
-        # Only llama's converter permutes q/k; qwen2's keeps the Hugging Face layout.
-        if config.architecture == "llama" and ".attn_q." in t.name:
-            w = _unpermute(w, config.num_heads)
-        elif config.architecture == "llama" and ".attn_k." in t.name:
-            w = _unpermute(w, config.num_kv_heads)
-        out[name] = w
+        out[name] = w if heads is None else _unpermute(w, heads)
+    if fallbacks:
+        warnings.warn(f"model: {len(fallbacks)} matrices of {path!r} are in GGUF types without a qlinear kernel "
+                      f"and are dequantized instead: {', '.join(fallbacks[:6])}"
+                      + (" ..." if len(fallbacks) > 6 else ""), stacklevel=3)
     return out
 
 
 def load_gguf(path: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-              reader: GGUFFile | None = None) -> LlamaModel:
-    """LlamaModel with the weights of the GGUF file at `path`, in `dtype`.
+              reader: GGUFFile | None = None, quantized: bool = False) -> LlamaModel:
+    """LlamaModel with the weights of the GGUF file at `path`: activations and dense
+    weights in `dtype`; with quantized=True the matrices stay in their GGUF blocks.
     `reader`: an `open_gguf(path)` already made (the tokenizer reads the same one)."""
     reader = open_gguf(path) if reader is None else reader
     config = read_config(reader, path)
     model = LlamaModel(config, dtype=dtype, device=device)
-    model.load_weights(read_weights(reader, config, path))
+    model.load_weights(read_weights(reader, config, path, quantized=quantized))
     return model

@@ -6,6 +6,8 @@ so one model serves a paged/cascade engine and a plain single-sequence loop.
 """
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -16,9 +18,14 @@ from forkdec import ops
 from forkdec.backends import resolve
 from forkdec.models.config import ModelConfig, rope_inv_freq
 from forkdec.ops.layer_ops import BACKENDS as LAYER_OP_BACKENDS
+from forkdec.ops.qlinear import BACKENDS as QLINEAR_BACKENDS
+from forkdec.qweight import QuantizedWeight, concat_rows, dequantize
 from forkdec.validation import require, validation, validation_enabled
 
 Attend = Callable[[int, Tensor, Tensor, Tensor], Tensor]
+# A matrix is a dense tensor (the model's dtype) or GGUF blocks as stored (forkdec.qweight).
+Weight = Tensor | QuantizedWeight
+MATRICES = ("qkv", "o", "gate_up", "down")
 
 
 def _frozen(t: Tensor) -> nn.Parameter:
@@ -26,7 +33,9 @@ def _frozen(t: Tensor) -> nn.Parameter:
 
 
 class LlamaLayer(nn.Module):
-    """One decoder block; q/k/v and gate/up are each one fused matrix (one GEMM, not three)."""
+    """One decoder block; q/k/v and gate/up are each one fused matrix (one GEMM, not three).
+    qkv, o, gate_up and down are dense parameters or, for a model loaded with
+    weights="gguf", QuantizedWeights (plain attributes)."""
 
     def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
         super().__init__()
@@ -39,6 +48,17 @@ class LlamaLayer(nn.Module):
         self.ffn_norm = _frozen(torch.ones(h, dtype=dtype))
         self.gate_up = _frozen(torch.zeros(2 * config.intermediate_size, h, dtype=dtype))
         self.down = _frozen(torch.zeros(h, config.intermediate_size, dtype=dtype))
+        # With weights="gguf+bf16": the stored blocks of the four matrices (which then
+        # are dense copies), used for products of few rows (LlamaModel.qlinear_max_rows).
+        self.blocks: LayerBlocks | None = None
+
+
+@dataclass
+class LayerBlocks:
+    qkv: QuantizedWeight
+    o: QuantizedWeight
+    gate_up: QuantizedWeight
+    down: QuantizedWeight
 
 
 class LlamaModel(nn.Module):
@@ -71,14 +91,20 @@ class LlamaModel(nn.Module):
             self.lm_head = self.embed if config.tie_word_embeddings else _frozen(
                 torch.zeros(config.vocab_size, config.hidden_size, dtype=dtype))
             self.register_buffer("inv_freq", rope_inv_freq(config).float(), persistent=False)
+        self.head_blocks: QuantizedWeight | None = None  # the LM head's blocks, with keep_dense_copy()
+        # Products of at most this many rows use the stored blocks when both forms are held:
+        # the int8 kernels read 4x fewer bytes and win while a product is bound by memory,
+        # oneDNN's bf16 GEMM wins above (docs/models.md).
+        self.qlinear_max_rows = 2
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed.dtype
+        """The activations' (and dense weights') dtype."""
+        return self.norm.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.embed.device
+        return self.norm.device
 
     @torch.no_grad()
     def forward(self, tokens: Tensor, positions: Tensor, attend: Attend,
@@ -93,9 +119,9 @@ class LlamaModel(nn.Module):
             self._validate(tokens, positions, logits_rows)
         t = tokens.shape[0]
         hq, hkv, d, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
-        backend = self._backend()
+        backend, qbackend = self._backend(), self._qlinear_backend()
         cos, sin = self._rope_angles(positions)
-        x = F.embedding(tokens, self.embed)
+        x = self._embed(tokens)
         # The residual stream runs one layer behind: each add_rms_norm adds the previous
         # sublayer's output and normalizes in one pass (fused ops: forkdec.ops.layer_ops).
         # Their inputs come from this model's own tensors, so they skip validation; the
@@ -103,32 +129,72 @@ class LlamaModel(nn.Module):
         residual = None
         # XQuant caches store the layer input instead of K/V: hand it over only to an attend that asks.
         needs_x = getattr(attend, "needs_layer_input", False)
+        small = t <= self.qlinear_max_rows
+        f = _LayerOps(backend, qbackend)
         with validation(False):
             for i, layer in enumerate(self.layers):
+                w = layer.blocks if small and layer.blocks is not None else layer
                 if residual is None:
-                    h, residual = ops.rms_norm(x, layer.attn_norm, eps, backend=backend), x
+                    h, residual = f.rms_norm(x, layer.attn_norm, eps), x
                 else:
-                    h, residual = ops.add_rms_norm(x, residual, layer.attn_norm, eps, backend=backend)
-                qkv = F.linear(h, layer.qkv, layer.qkv_bias)
-                q, k, v = ops.rope_qkv(qkv, cos, sin, hq, hkv, backend=backend)
-                with validation(checked):
+                    h, residual = f.add_rms_norm(x, residual, layer.attn_norm, eps)
+                q, k, v = f.rope_qkv(f.linear(h, w.qkv, layer.qkv_bias), cos, sin, hq, hkv)
+                if checked:
+                    with validation(True):
+                        out = attend(i, q, k, v, x=h, residual=residual) if needs_x else attend(i, q, k, v)
+                else:
                     out = attend(i, q, k, v, x=h, residual=residual) if needs_x else attend(i, q, k, v)
-                x = F.linear(out.reshape(t, hq * d), layer.o)
-                h, residual = ops.add_rms_norm(x, residual, layer.ffn_norm, eps, backend=backend)
-                x = F.linear(ops.silu_and_mul(F.linear(h, layer.gate_up), backend=backend), layer.down)
+                x = f.linear(out.reshape(t, hq * d), w.o, None)
+                h, residual = f.add_rms_norm(x, residual, layer.ffn_norm, eps)
+                x = f.linear(f.silu_and_mul(f.linear(h, w.gate_up, None)), w.down, None)
             if logits_rows is not None:  # only these rows reach the final norm and the LM head
                 rows = logits_rows.to(device=x.device, dtype=torch.long)
                 x = x.index_select(0, rows)
                 residual = None if residual is None else residual.index_select(0, rows)
             if residual is None:
-                x = ops.rms_norm(x, self.norm, eps, backend=backend)
+                x = f.rms_norm(x, self.norm, eps)
             else:
-                x = ops.add_rms_norm(x, residual, self.norm, eps, backend=backend)[0]
+                x = f.add_rms_norm(x, residual, self.norm, eps)[0]
+            head = self.head_blocks if small and self.head_blocks is not None else self.lm_head
+            if isinstance(head, QuantizedWeight):
+                return ops.qlinear(x, head, out_dtype=torch.float32, backend=qbackend)
         return _lm_head(x, self.lm_head)
+
+    @property
+    def quantized(self) -> bool:
+        """True when the matrices are GGUF blocks as stored (load_model(weights="gguf"))."""
+        return isinstance(self.embed, QuantizedWeight)
+
+    def keep_dense_copy(self) -> None:
+        """For a model holding stored blocks: add dense copies (the blocks dequantized to
+        the model dtype) used for products of more than `qlinear_max_rows` rows, and keep
+        the blocks for the smaller ones ("gguf+bf16" in load_model)."""
+        for layer in self.layers:
+            if all(isinstance(getattr(layer, n), QuantizedWeight) for n in MATRICES):
+                layer.blocks = LayerBlocks(*(getattr(layer, n) for n in MATRICES))
+                for n in MATRICES:
+                    _set(layer, n, _frozen(dequantize(getattr(layer.blocks, n)).to(self.dtype)))
+        if isinstance(self.lm_head, QuantizedWeight):
+            self.head_blocks = self.lm_head
+        if isinstance(self.embed, QuantizedWeight):
+            tied = self.lm_head is self.embed
+            _set(self, "embed", _frozen(dequantize(self.embed).to(self.dtype)))
+            if tied:
+                _set(self, "lm_head", self.embed)
+        if isinstance(self.lm_head, QuantizedWeight):
+            _set(self, "lm_head", _frozen(dequantize(self.lm_head).to(self.dtype)))
 
     def _backend(self) -> str:
         # Resolved once per forward (a cached lookup), then passed to every fused op.
         return resolve("auto", "add_rms_norm", self.device, LAYER_OP_BACKENDS)
+
+    def _qlinear_backend(self) -> str:
+        return resolve("auto", "qlinear", self.device, QLINEAR_BACKENDS)
+
+    def _embed(self, tokens: Tensor) -> Tensor:
+        if isinstance(self.embed, QuantizedWeight):  # only the looked-up rows are dequantized
+            return dequantize(self.embed, tokens.to(self.device)).to(self.norm.dtype)
+        return F.embedding(tokens, self.embed)
 
     def _rope_angles(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """fp32 cos, sin [T, D/2] of each position, computed once per forward for every layer."""
@@ -152,13 +218,15 @@ class LlamaModel(nn.Module):
                                                  and int(logits_rows.max()) < tokens.shape[0]),
                     "logits_rows", f"row indices must be in [0, {tokens.shape[0]})")
 
-    def load_weights(self, weights: dict[str, Tensor]) -> None:
+    def load_weights(self, weights: dict[str, Weight]) -> None:
         """Copy weights named as in `weight_names` (Hugging Face layout, rotate-half RoPE
-        rows) into the model, fusing q/k/v and gate/up. Raises ValueError naming a
-        missing or misshapen tensor."""
+        rows) into the model, fusing q/k/v and gate/up. A matrix given as a
+        QuantizedWeight is kept as stored (fused groups of one format stay quantized;
+        a group mixing formats is dequantized to the model dtype). Raises ValueError
+        naming a missing or misshapen tensor."""
         cfg = self.config
 
-        def take(name: str, shape: tuple[int, ...]) -> Tensor:
+        def take(name: str, shape: tuple[int, ...]) -> Weight:
             require(name in weights, "weights", f"missing tensor {name!r}")
             w = weights[name]
             require(tuple(w.shape) == shape, "weights",
@@ -167,25 +235,75 @@ class LlamaModel(nn.Module):
 
         h, d, inter = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
         hq, hkv = cfg.num_heads * d, cfg.num_kv_heads * d
-        self.embed.copy_(take("model.embed_tokens.weight", (cfg.vocab_size, h)))
+        _assign(self, "embed", [take("model.embed_tokens.weight", (cfg.vocab_size, h))])
         self.norm.copy_(take("model.norm.weight", (h,)))
-        if not cfg.tie_word_embeddings:
-            self.lm_head.copy_(take("lm_head.weight", (cfg.vocab_size, h)))
+        if cfg.tie_word_embeddings:
+            _set(self, "lm_head", self.embed)
+        else:
+            _assign(self, "lm_head", [take("lm_head.weight", (cfg.vocab_size, h))])
         for i, layer in enumerate(self.layers):
             p = f"model.layers.{i}."
             layer.attn_norm.copy_(take(p + "input_layernorm.weight", (h,)))
             layer.ffn_norm.copy_(take(p + "post_attention_layernorm.weight", (h,)))
-            layer.qkv.copy_(torch.cat([take(p + "self_attn.q_proj.weight", (hq, h)),
-                                       take(p + "self_attn.k_proj.weight", (hkv, h)),
-                                       take(p + "self_attn.v_proj.weight", (hkv, h))]))
+            _assign(layer, "qkv", [take(p + "self_attn.q_proj.weight", (hq, h)),
+                                   take(p + "self_attn.k_proj.weight", (hkv, h)),
+                                   take(p + "self_attn.v_proj.weight", (hkv, h))])
             if layer.qkv_bias is not None:
                 layer.qkv_bias.copy_(torch.cat([take(p + "self_attn.q_proj.bias", (hq,)),
                                                 take(p + "self_attn.k_proj.bias", (hkv,)),
                                                 take(p + "self_attn.v_proj.bias", (hkv,))]))
-            layer.o.copy_(take(p + "self_attn.o_proj.weight", (h, hq)))
-            layer.gate_up.copy_(torch.cat([take(p + "mlp.gate_proj.weight", (inter, h)),
-                                           take(p + "mlp.up_proj.weight", (inter, h))]))
-            layer.down.copy_(take(p + "mlp.down_proj.weight", (h, inter)))
+            _assign(layer, "o", [take(p + "self_attn.o_proj.weight", (h, hq))])
+            _assign(layer, "gate_up", [take(p + "mlp.gate_proj.weight", (inter, h)),
+                                       take(p + "mlp.up_proj.weight", (inter, h))])
+            _assign(layer, "down", [take(p + "mlp.down_proj.weight", (h, inter))])
+
+
+def _assign(module: nn.Module, name: str, parts: list[Weight]) -> None:
+    """Set module.name to the row concatenation of parts: copied into the dense
+    parameter, or kept quantized when every part is a QuantizedWeight of one format."""
+    current = getattr(module, name)
+    if all(isinstance(w, QuantizedWeight) for w in parts) and len({(w.qtype, w.k) for w in parts}) == 1:
+        _set(module, name, (concat_rows(parts) if len(parts) > 1 else parts[0]).to(current.device))
+        return
+    dense = torch.cat([dequantize(w) if isinstance(w, QuantizedWeight) else w.float() for w in parts])
+    if isinstance(current, nn.Parameter):
+        current.copy_(dense)
+    else:  # it held a QuantizedWeight: a dense matrix in the activations' dtype
+        dtype = next(t for t in module.parameters()).dtype
+        _set(module, name, _frozen(dense.to(device=current.device, dtype=dtype)))
+
+
+def _set(module: nn.Module, name: str, value: Weight) -> None:
+    # A registered parameter only accepts another parameter: drop it for a QuantizedWeight.
+    if not isinstance(value, nn.Parameter) and name in module._parameters:
+        del module._parameters[name]
+    setattr(module, name, value)
+
+
+class _LayerOps:
+    """The per-layer ops of one forward, bound to their backends. On the cpu backend they
+    are the C++ ops themselves: the model built every input, so the Python faces'
+    checks and backend resolution (~3 us per call, ~300 calls per step) are skipped."""
+
+    def __init__(self, backend: str, qbackend: str) -> None:
+        self.qbackend = qbackend
+        if backend == "cpu":
+            c = torch.ops.forkdec
+            self.rms_norm, self.add_rms_norm, self.rope_qkv, self.silu_and_mul = (
+                c.rms_norm, c.add_rms_norm, c.rope_qkv, c.silu_and_mul)
+        else:
+            self.rms_norm = functools.partial(ops.rms_norm, backend=backend)
+            self.add_rms_norm = functools.partial(ops.add_rms_norm, backend=backend)
+            self.rope_qkv = functools.partial(ops.rope_qkv, backend=backend)
+            self.silu_and_mul = functools.partial(ops.silu_and_mul, backend=backend)
+
+    def linear(self, x: Tensor, weight: Weight, bias: Tensor | None) -> Tensor:
+        if isinstance(weight, QuantizedWeight):
+            if self.qbackend == "cpu":
+                return torch.ops.forkdec.qlinear(x, weight.codes, weight.scale, weight.offset, weight.bits,
+                                                 weight.k, bias, None)
+            return ops.qlinear(x, weight, bias, backend=self.qbackend)
+        return F.linear(x, weight, bias)
 
 
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
