@@ -237,6 +237,14 @@ def run(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="forkdec bench tree")
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
+    ap.add_argument("--prompt-tokens", type=int, default=2000, help="tree decode: the shared prompt's length")
+    ap.add_argument("--depth", type=int, default=4, help="tree decode: levels of branching 4 (4 -> 256 leaves)")
+    ap.add_argument("--node-tokens", type=int, default=8, help="tree decode: tokens generated per node")
+    ap.add_argument("--questions", type=int, default=64, help="few-shot: questions (each with --paths paths)")
+    ap.add_argument("--paths", type=int, default=8)
+    ap.add_argument("--prefix-tokens", type=int, default=2000, help="few-shot: the shared prefix's length")
+    ap.add_argument("--beam-widths", default="4,8")
+    ap.add_argument("--beam-tokens", type=int, default=64)
     ap.add_argument("--sections", default="fold,metadata,decode,beam-memory,fewshot,beam")
     args = ap.parse_args(argv)
     sections = set(args.sections.split(","))
@@ -267,10 +275,10 @@ def run(argv: list[str] | None = None) -> int:
         gguf = next(f for f in os.listdir(gguf_dir) if f.endswith(".gguf"))
         data = [json.loads(x) for x in Path("/work/shared/data/gsm8k/test.jsonl").read_text().splitlines() if x.strip()]
         long_prompt = "".join(f"Question: {d['question']}\nAnswer: {d['answer']}\n\n" for d in data[100:140])
-        long_ids = tok.encode(long_prompt)[: (300 if quick else 2000)]
+        long_ids = tok.encode(long_prompt)[: (300 if quick else args.prompt_tokens)]
     if "decode" in sections:
         print("tree bench: decode ...", file=sys.stderr, flush=True)
-        depth, node, steps = (2, 4, 3) if quick else (4, 8, 5)
+        depth, node, steps = (2, 4, 3) if quick else (args.depth, args.node_tokens, 3)
         r = bench_tree_decode(engine, long_ids, depth, node, steps)
         results["decode"] = r
         rows = [[k, str(v["leaves"]), str(v["kv_tokens_read"]), str(v["unique_tokens"]), str(v["sum_leaf_contexts"]),
@@ -290,7 +298,7 @@ def run(argv: list[str] | None = None) -> int:
             "by length would hold at least (the prompt plus a fresh page for every child made).")
     if "fewshot" in sections:
         print("tree bench: fewshot ...", file=sys.stderr, flush=True)
-        q, n, pre, new = (4, 2, 300, 4) if quick else (64, 8, 2000, 8)
+        q, n, pre, new = (4, 2, 300, 4) if quick else (args.questions, args.paths, args.prefix_tokens, 4)
         r = bench_fewshot(type(engine), model, tok, data, q, n, pre, new)
         results["fewshot"] = r
         rows = [[k, str(v["prompt_tokens_prefilled"]), str(v["prompt_tokens_reused"]), f"{v['prefill_seconds']:.1f}",
@@ -300,7 +308,7 @@ def run(argv: list[str] | None = None) -> int:
                         ["engine", "prompt tokens prefilled", "reused", "prefill s", "total s"], rows))
     if "beam" in sections:
         print("tree bench: beam ...", file=sys.stderr, flush=True)
-        widths, tokens = ([4], 8) if quick else ([4, 8], 64)
+        widths, tokens = ([4], 8) if quick else ([int(w) for w in args.beam_widths.split(",")], args.beam_tokens)
         prompt = "Write a short poem about the sea."
         import importlib.util
         import os
