@@ -252,17 +252,29 @@ def run(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     results: dict = {}
     body = []
+    loads = []
+
+    def save() -> None:  # after every section, so a slow later section loses nothing
+        loads.append(open("/proc/loadavg").read().split()[0])
+        out = results_dir(args.out)
+        (out / "tree.json").write_text(json.dumps(results, indent=2, default=str))
+        facts = machine_facts({"load": "shared machine, other agents building and testing at the same time "
+                                       f"(1-min load averages after each section: {', '.join(loads)})",
+                               "command": "forkdec bench tree " + " ".join(argv or sys.argv[1:])})
+        write_report(out / "tree.md", "Paths that branch (bench/tree.py)", facts, "\n\n".join(body))
     if "fold" in sections:
         print("tree bench: fold ...", file=sys.stderr, flush=True)
         rows, note = bench_fold(10 if quick else 60)
         results["fold"] = rows
         body.append("## 1. Folding a short shared segment into its children\n\n" + note + "\n\n" + markdown_table(
             ["children", "segment pages", "tokens", "own level (us, min / median)", "folded (us, min / median)", "folded / level"], rows))
+        save()
     if "metadata" in sections:
         print("tree bench: metadata ...", file=sys.stderr, flush=True)
         line = bench_metadata(5 if quick else 30)
         results["metadata"] = line
         body.append("## 2. Metadata for 256 leaves, depth 16\n\n" + line)
+        save()
     engine = model = tok = None
     if sections & {"decode", "beam-memory", "fewshot", "beam"}:
         import importlib.util
@@ -289,6 +301,7 @@ def run(argv: list[str] | None = None) -> int:
                     f"node\n\n" + markdown_table(["layout", "leaves", "K/V tokens read / step", "unique tokens",
                                                   "sum of leaf contexts", "step time", "metadata + plan / step"], rows)
                     + f"\n\nTree cascade step time / two-level: {t_tree / t_flat:.2f}.")
+        save()
     if "beam-memory" in sections:
         print("tree bench: beam-memory ...", file=sys.stderr, flush=True)
         r = bench_beam_memory(engine, long_ids[:200], 4, 16 if quick else 48)
@@ -296,6 +309,7 @@ def run(argv: list[str] | None = None) -> int:
         body.append("## 4. Fork at every token (beam search, width 4)\n\n" + markdown_table(
             list(r.keys()), [[str(v) for v in r.values()]]) + "\n\n`by_length_pages`: what sharing the partial page "
             "by length would hold at least (the prompt plus a fresh page for every child made).")
+        save()
     if "fewshot" in sections:
         print("tree bench: fewshot ...", file=sys.stderr, flush=True)
         q, n, pre, new = (4, 2, 300, 4) if quick else (args.questions, args.paths, args.prefix_tokens, 4)
@@ -306,6 +320,7 @@ def run(argv: list[str] | None = None) -> int:
         body.append(f"## 5. Few-shot self-consistency: {q} questions x {n} paths, a {r['prefix_tokens']}-token "
                     f"prefix, {new} new tokens per path, one call\n\n" + markdown_table(
                         ["engine", "prompt tokens prefilled", "reused", "prefill s", "total s"], rows))
+        save()
     if "beam" in sections:
         print("tree bench: beam ...", file=sys.stderr, flush=True)
         widths, tokens = ([4], 8) if quick else ([int(w) for w in args.beam_widths.split(",")], args.beam_tokens)
@@ -328,11 +343,7 @@ def run(argv: list[str] | None = None) -> int:
                     "fp32, num_beams, early_stopping=True).\n\n" + markdown_table(
                         ["width", "forkdec beam tok/s", "forkdec flat tok/s", "beam / flat", "transformers tok/s",
                          "forkdec / transformers"], rows))
-    out = results_dir(args.out)
-    (out / "tree.json").write_text(json.dumps(results, indent=2, default=str))
-    facts = machine_facts({"load": "shared machine, other agents building and testing at the same time "
-                                   f"(1-min load average {open('/proc/loadavg').read().split()[0]})"})
-    write_report(out / "tree.md", "Paths that branch (bench/tree.py)", facts, "\n\n".join(body))
+    save()
     print("\n\n".join(body))
     return 0
 
