@@ -237,6 +237,14 @@ def run(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="forkdec bench tree")
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
+    ap.add_argument("--prompt-tokens", type=int, default=2000, help="tree decode: the shared prompt's length")
+    ap.add_argument("--depth", type=int, default=4, help="tree decode: levels of branching 4 (4 -> 256 leaves)")
+    ap.add_argument("--node-tokens", type=int, default=8, help="tree decode: tokens generated per node")
+    ap.add_argument("--questions", type=int, default=64, help="few-shot: questions (each with --paths paths)")
+    ap.add_argument("--paths", type=int, default=8)
+    ap.add_argument("--prefix-tokens", type=int, default=2000, help="few-shot: the shared prefix's length")
+    ap.add_argument("--beam-widths", default="4,8")
+    ap.add_argument("--beam-tokens", type=int, default=64)
     ap.add_argument("--sections", default="fold,metadata,decode,beam-memory,fewshot,beam")
     args = ap.parse_args(argv)
     sections = set(args.sections.split(","))
@@ -244,17 +252,29 @@ def run(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     results: dict = {}
     body = []
+    loads = []
+
+    def save() -> None:  # after every section, so a slow later section loses nothing
+        loads.append(open("/proc/loadavg").read().split()[0])
+        out = results_dir(args.out)
+        (out / "tree.json").write_text(json.dumps(results, indent=2, default=str))
+        facts = machine_facts({"load": "shared machine, other agents building and testing at the same time "
+                                       f"(1-min load averages after each section: {', '.join(loads)})",
+                               "command": "forkdec bench tree " + " ".join(argv or sys.argv[1:])})
+        write_report(out / "tree.md", "Paths that branch (bench/tree.py)", facts, "\n\n".join(body))
     if "fold" in sections:
         print("tree bench: fold ...", file=sys.stderr, flush=True)
         rows, note = bench_fold(10 if quick else 60)
         results["fold"] = rows
         body.append("## 1. Folding a short shared segment into its children\n\n" + note + "\n\n" + markdown_table(
             ["children", "segment pages", "tokens", "own level (us, min / median)", "folded (us, min / median)", "folded / level"], rows))
+        save()
     if "metadata" in sections:
         print("tree bench: metadata ...", file=sys.stderr, flush=True)
         line = bench_metadata(5 if quick else 30)
         results["metadata"] = line
         body.append("## 2. Metadata for 256 leaves, depth 16\n\n" + line)
+        save()
     engine = model = tok = None
     if sections & {"decode", "beam-memory", "fewshot", "beam"}:
         import importlib.util
@@ -267,10 +287,10 @@ def run(argv: list[str] | None = None) -> int:
         gguf = next(f for f in os.listdir(gguf_dir) if f.endswith(".gguf"))
         data = [json.loads(x) for x in Path("/work/shared/data/gsm8k/test.jsonl").read_text().splitlines() if x.strip()]
         long_prompt = "".join(f"Question: {d['question']}\nAnswer: {d['answer']}\n\n" for d in data[100:140])
-        long_ids = tok.encode(long_prompt)[: (300 if quick else 2000)]
+        long_ids = tok.encode(long_prompt)[: (300 if quick else args.prompt_tokens)]
     if "decode" in sections:
         print("tree bench: decode ...", file=sys.stderr, flush=True)
-        depth, node, steps = (2, 4, 3) if quick else (4, 8, 5)
+        depth, node, steps = (2, 4, 3) if quick else (args.depth, args.node_tokens, 3)
         r = bench_tree_decode(engine, long_ids, depth, node, steps)
         results["decode"] = r
         rows = [[k, str(v["leaves"]), str(v["kv_tokens_read"]), str(v["unique_tokens"]), str(v["sum_leaf_contexts"]),
@@ -281,6 +301,7 @@ def run(argv: list[str] | None = None) -> int:
                     f"node\n\n" + markdown_table(["layout", "leaves", "K/V tokens read / step", "unique tokens",
                                                   "sum of leaf contexts", "step time", "metadata + plan / step"], rows)
                     + f"\n\nTree cascade step time / two-level: {t_tree / t_flat:.2f}.")
+        save()
     if "beam-memory" in sections:
         print("tree bench: beam-memory ...", file=sys.stderr, flush=True)
         r = bench_beam_memory(engine, long_ids[:200], 4, 16 if quick else 48)
@@ -288,9 +309,10 @@ def run(argv: list[str] | None = None) -> int:
         body.append("## 4. Fork at every token (beam search, width 4)\n\n" + markdown_table(
             list(r.keys()), [[str(v) for v in r.values()]]) + "\n\n`by_length_pages`: what sharing the partial page "
             "by length would hold at least (the prompt plus a fresh page for every child made).")
+        save()
     if "fewshot" in sections:
         print("tree bench: fewshot ...", file=sys.stderr, flush=True)
-        q, n, pre, new = (4, 2, 300, 4) if quick else (64, 8, 2000, 8)
+        q, n, pre, new = (4, 2, 300, 4) if quick else (args.questions, args.paths, args.prefix_tokens, 4)
         r = bench_fewshot(type(engine), model, tok, data, q, n, pre, new)
         results["fewshot"] = r
         rows = [[k, str(v["prompt_tokens_prefilled"]), str(v["prompt_tokens_reused"]), f"{v['prefill_seconds']:.1f}",
@@ -298,9 +320,10 @@ def run(argv: list[str] | None = None) -> int:
         body.append(f"## 5. Few-shot self-consistency: {q} questions x {n} paths, a {r['prefix_tokens']}-token "
                     f"prefix, {new} new tokens per path, one call\n\n" + markdown_table(
                         ["engine", "prompt tokens prefilled", "reused", "prefill s", "total s"], rows))
+        save()
     if "beam" in sections:
         print("tree bench: beam ...", file=sys.stderr, flush=True)
-        widths, tokens = ([4], 8) if quick else ([4, 8], 64)
+        widths, tokens = ([4], 8) if quick else ([int(w) for w in args.beam_widths.split(",")], args.beam_tokens)
         prompt = "Write a short poem about the sea."
         import importlib.util
         import os
@@ -320,11 +343,7 @@ def run(argv: list[str] | None = None) -> int:
                     "fp32, num_beams, early_stopping=True).\n\n" + markdown_table(
                         ["width", "forkdec beam tok/s", "forkdec flat tok/s", "beam / flat", "transformers tok/s",
                          "forkdec / transformers"], rows))
-    out = results_dir(args.out)
-    (out / "tree.json").write_text(json.dumps(results, indent=2, default=str))
-    facts = machine_facts({"load": "shared machine, other agents building and testing at the same time "
-                                   f"(1-min load average {open('/proc/loadavg').read().split()[0]})"})
-    write_report(out / "tree.md", "Paths that branch (bench/tree.py)", facts, "\n\n".join(body))
+    save()
     print("\n\n".join(body))
     return 0
 

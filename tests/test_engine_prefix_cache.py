@@ -48,9 +48,12 @@ def test_prompts_sharing_a_prefix_in_one_call_prefill_it_once():
     # the prompts share the shots and "Q: ": 45 tokens, 9 whole pages, prefilled once
     assert st.prompt_tokens_reused == 2 * 45
     assert st.prompt_tokens_prefilled == sum(len(p) for p in prompts) - 2 * 45
-    for p, paths in zip(prompts, out):
+    cold = engine(prefix_cache=False)
+    cold_out = cold.generate(prompts, 2, params, chat=False)
+    assert cold.last_stats.prompt_tokens_reused == 0 and cold.kv_pages_cached == 0
+    for p, paths, cold_paths in zip(prompts, out, cold_out):
         want = greedy_no_cache(eng.model, ByteTokenizer().encode(p), 6, set())
-        assert all(c.token_ids == want for c in paths)
+        assert all(c.token_ids == want for c in paths + cold_paths)
 
 
 def test_logits_after_a_prefix_hit_equal_a_cold_prefill():

@@ -18,7 +18,7 @@ from forkdec.engine.completion import Completion, GenerateStats
 from forkdec.engine.params import SamplingParams
 from forkdec.engine.progress import ProgressBar
 from forkdec.engine.deepconf_cli import add_deepconf_options, run_deepconf
-from forkdec.engine.search_cli import add_search_options, run_search
+from forkdec.engine.search_cli import add_search_options, check_search, run_search
 from forkdec.json_output import human_output, write_json
 from forkdec.validation import require
 
@@ -129,6 +129,8 @@ def run(argv: list[str]) -> int:
     require(args.first_k is None or args.first_k >= 1, "first-k", f"must be >= 1, got {args.first_k}")
     require(args.max_kv_bytes is None or args.max_kv_bytes > 0, "max-kv-bytes", "must be positive")
     check_calib(args.kv, args)
+    if args.search != "none":
+        check_search(args)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                             max_new_tokens=args.max_new_tokens, stop=tuple(args.stop), seed=args.seed,
                             speculate=args.speculate, draft_budget=args.draft_budget,

@@ -318,7 +318,7 @@ class _Run:
                 prompt_pages = -(-len(s.token_ids) // ps)
                 # whole pages of a cached prefix (the last token is always prefilled: its logits are needed)
                 cached = self.prefix.match(s.token_ids[:-1]) if self.prefix is not None else []
-                if new_prompts and self._extends_pending(s, len(cached), new_prompts):
+                if self.prefix is not None and new_prompts and self._extends_pending(s, len(cached), new_prompts):
                     self.prefill(new_prompts)  # prefill the earlier prompt first, so this one reuses its pages
                     new_prompts = []
                     cached = self.prefix.match(s.token_ids[:-1])

@@ -22,17 +22,24 @@ def add_search_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=int, default=8, help="tree search: boundary rounds that branch (default 8)")
 
 
+def check_search(args: argparse.Namespace) -> None:
+    """The search options, before the model loads."""
+    require(args.beam_width >= 1, "beam-width", f"must be >= 1, got {args.beam_width}")
+    require(args.branch >= 1, "branch", f"must be >= 1, got {args.branch}")
+    require(args.keep >= 1, "keep", f"must be >= 1, got {args.keep}")
+    require(args.max_steps >= 0, "max-steps", f"must be >= 0, got {args.max_steps}")
+    require(args.boundary != "", "boundary", "is empty")
+    if args.search == "beam":
+        require(args.n <= args.beam_width, "n", f"{args.n} beams asked of --beam-width {args.beam_width}")
+        require(args.kv is None or not args.kv.startswith(("xquant", "kivi")), "kv",
+                "beam search forks paths, which quantized cache kinds do not support yet")
+
+
 def run_search(args: argparse.Namespace, model, tokenizer) -> int:
     from forkdec.engine.engine import Engine
     from forkdec.engine.session import Session
     from forkdec.search import beam_search, tree_search
 
-    require(args.beam_width >= 1, "beam-width", f"must be >= 1, got {args.beam_width}")
-    require(args.branch >= 1, "branch", f"must be >= 1, got {args.branch}")
-    require(args.keep >= 1, "keep", f"must be >= 1, got {args.keep}")
-    require(args.boundary != "", "boundary", "is empty")
-    if args.search == "beam":
-        require(args.n <= args.beam_width, "n", f"{args.n} beams asked of --beam-width {args.beam_width}")
     try:
         engine = Engine(model, tokenizer=tokenizer, kv_budget_bytes=args.max_kv_bytes, kv=args.kv)
         session = Session(engine)

@@ -71,6 +71,9 @@ class TreeMemory:
     def fork(self, leaf: Segment, k: int, take_page) -> list[Segment]:
         """Split `leaf` into k child leaves after its last token; children 1..k-1 get their
         partial-page copies from `take_page()`. Returns the children (child 0 first)."""
+        if k == 1:  # one child goes on writing the same segment: nothing to split
+            leaf.owner = None
+            return [leaf]
         ps = self.page_size
         rem = leaf.tokens % ps
         children = [Segment(leaf, leaf.tokens - rem + leaf.start) for _ in range(k)]
