@@ -124,9 +124,7 @@ def score_confidences(model, prompt_ids: list[int], paths: Sequence[Sequence[int
     from prefill forwards of prompt + path (fp32 cache, paths batched up to
     `batch_tokens` tokens per forward): the distribution each token was drawn
     from, at temperature 1 and unfiltered, as the sampler's signals define it."""
-    from forkdec.engine.attend import make_attend
-    from forkdec.engine.kv_cache import make_kv_cache
-    from forkdec.engine.metadata import StepBatch
+    from forkdec.cache import StepBatch, make_attend, make_kv_cache
     from forkdec.ops import CascadeLevel
 
     out: list[tuple[list[float], list[float]]] = [([], []) for _ in paths]
@@ -237,7 +235,8 @@ def evaluate(engine, questions: Sequence[Question], strategies: Sequence[str], b
     for n in budgets:
         if any(s in SAMPLED for s in strategies):
             t = time.perf_counter()
-            outs = engine.generate(prompts, n, params)
+            # the engine's sampler gives DeepConf's token confidences as it decodes (fused, no second pass)
+            outs = engine.generate(prompts, n, replace(params, confidence_k=CONFIDENCE_K) if needs_signals else params)
             seconds = time.perf_counter() - t
             all_tokens = sum(len(c.token_ids) for out in outs for c in out)
             online_tokens = {s: 0 for s in strategies}
