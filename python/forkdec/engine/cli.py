@@ -127,7 +127,7 @@ def run(argv: list[str]) -> int:
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                             max_new_tokens=args.max_new_tokens, stop=tuple(args.stop), seed=args.seed,
                             speculate=args.speculate, draft_budget=args.draft_budget)
-    model, tokenizer = load(args.model, DTYPES.get(args.dtype), args.weights)
+    model, tokenizer = load(args.model, DTYPES.get(args.dtype), *([args.weights] if args.weights else []))
     apply_calib(args, model, tokenizer)
     k = args.first_k or max(1, args.n // 4)
     early = strategies.first_finish_stopper(k) if args.vote == "first-finish" else None
