@@ -136,7 +136,7 @@ def run(argv: list[str]) -> int:
                             speculate=args.speculate, draft_budget=args.draft_budget,
                             confidence_k=20 if (args.json or args.vote.startswith("deepconf")) and args.speculate == "off"
                             else 0)
-    model, tokenizer = load(args.model, DTYPES.get(args.dtype), args.weights)
+    model, tokenizer = load(args.model, DTYPES.get(args.dtype), *([args.weights] if args.weights else []))
     apply_calib(args, model, tokenizer)
     if args.search != "none":
         return run_search(args, model, tokenizer)

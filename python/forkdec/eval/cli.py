@@ -102,7 +102,7 @@ def run(argv: list[str]) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype] if args.weights in (None, "gguf") else None
-    model, tokenizer = load(args.model, dtype, args.weights)
+    model, tokenizer = load(args.model, dtype, *([args.weights] if args.weights else []))
     apply_calib(args, model, tokenizer)
     ids = read_tokens(args.data, tokenizer, None if args.windows is None else args.windows * args.window)
 
