@@ -61,6 +61,17 @@ def _xquant(g):
             _i32([0, 1, 3]), _i32([3, 2]), _i32([0, 4]), wk, wv, None, None, cos, sin, True, None, 0.17)
 
 
+def _qlinear(g):
+    """x [3, 64] (a non-contiguous view) times a random Q4_1-shaped packed weight [5, 64], with a bias."""
+    from forkdec.qweight import QuantizedWeight
+    n, k, kp = 5, 64, 128  # packed rows are padded to whole superblocks of 128
+    codes = torch.randint(0, 256, (n, kp // 2), generator=g, dtype=torch.uint8)
+    w = QuantizedWeight(codes, torch.rand(n, kp // 32, generator=g) * 0.01,
+                        torch.randn(n, kp // 32, generator=g) * 0.01, 4, k, "Q4_1")
+    x = torch.randn(k, 3, generator=g).t()
+    return (x, w.codes, w.scale, w.offset, w.bits, w.k, torch.randn(n, generator=g), None)
+
+
 def samples(triton: bool) -> list[tuple[str, str, tuple]]:
     """(id, op name, args) for every op of one family (CPU ops, or the *_triton ops)."""
     g = _g(0)
@@ -92,6 +103,10 @@ def samples(triton: bool) -> list[tuple[str, str, tuple]]:
     out.append(("sample-rows", "sample" + sfx, (logits, torch.rand(4, generator=g), torch.tensor([0, 0, 2, 1]), 1.0,
                                                 torch.tensor([1.0, 0.5, 0.0, 2.0]), 0, torch.tensor([0, 3, 0, 7]),
                                                 1.0, None, 0.0, torch.tensor([0.0, 0.1, 0.0, 0.0]))))
+    out.append(("sample_with_logprobs", "sample_with_logprobs" + sfx,
+                (logits, torch.rand(4, generator=g), torch.tensor([0, 0, 2, 1]), 0.8, None, 0,
+                 torch.tensor([0, 3, 0, 7]), 0.9, None, 0.0, None, 5)))
+    out.append(("qlinear", "qlinear" + sfx, _qlinear(g)))
     tokens, parents, indptr, tree_logits = _tree(g)
     out.append(("verify_tree_greedy", "verify_tree_greedy" + sfx, (tokens, parents, indptr, tree_logits, 2)))
     probs = torch.softmax(tree_logits, -1)

@@ -36,6 +36,7 @@ from hypothesis import strategies as st
 
 import forkdec
 from forkdec import ops
+from forkdec.qweight import BLOCK, SUPERBLOCK
 
 CascadeLevel = importlib.import_module("forkdec.ops.attention").CascadeLevel
 CORPUS = Path(__file__).resolve().parent / "corpus"
@@ -389,6 +390,74 @@ def run_sample(case: dict) -> None:
 
 
 @st.composite
+def signals_case(draw):
+    case = draw(sample_case())
+    case["num_top"] = draw(st.one_of(st.integers(-2, case["vocab"] + 3), st.just(2**31)))
+    return case
+
+
+def run_sample_with_logprobs(case: dict) -> None:
+    g = _gen(case)
+    logits = (torch.randn(case["b"], case["vocab"], generator=g) * 4).to(getattr(torch, case["dtype"]))
+    _poke(logits, case["specials"], g)
+    if case["all_neg_inf_row"] and logits.shape[0]:
+        logits[0] = float("-inf")
+    def param(v, dtype):
+        return torch.tensor(v, dtype=dtype) if isinstance(v, list) else v
+    row_ids = None if case["row_ids"] is None else torch.tensor(case["row_ids"], dtype=torch.int64)
+    with forkdec.validation(False):
+        out = ops.sample_with_logprobs(logits, top_logprobs=case["num_top"] if case["num_top"] > 0 else None,
+                                       temperature=param(case["temperature"], torch.float32),
+                                       top_k=param(case["top_k"], torch.int64),
+                                       top_p=param(case["top_p"], torch.float32),
+                                       min_p=param(case["min_p"], torch.float32), row_ids=row_ids, seed=case["seed"],
+                                       check_nan=False, backend="cpu")
+    r = case["b"] if row_ids is None else row_ids.numel()
+    if tuple(out.tokens.shape) != (r,) or tuple(out.logprobs.shape) != (r,):
+        raise Finding(f"sample_with_logprobs: tokens {tuple(out.tokens.shape)}, logprobs {tuple(out.logprobs.shape)}")
+    for name, t in (("tokens", out.tokens), ("top_ids", out.top_ids)):
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= case["vocab"]):
+            raise Finding(f"sample_with_logprobs: {name} {t.tolist()} outside [0, {case['vocab']})")
+
+
+@st.composite
+def qlinear_case(draw):
+    n, blocks, m = draw(st.integers(0, 6)), draw(st.integers(0, 4)), draw(st.integers(0, 5))
+    def rarely(strategy):  # one corruption in five: most inputs are well formed and compute
+        return st.one_of(st.none(), st.none(), st.none(), st.none(), strategy)
+    return {"seed": draw(seeds), "n": n, "k": 32 * blocks, "m": m,
+            "bits": draw(st.sampled_from([4, 8, 4, 8, 4, 8, 4, 8, 3, 0, -1, 16])),
+            "k_arg": draw(rarely(st.integers(-40, 200))),
+            "codes_cols": draw(rarely(st.integers(0, 80))),
+            "scale_cols": draw(rarely(st.integers(0, 6))),
+            "x_cols": draw(rarely(st.integers(0, 200))),
+            "bias_len": draw(st.one_of(st.none(), st.just(-1), st.just(-1), rarely(st.integers(0, 8)))),
+            "dtype": draw(st.sampled_from(["float32", "bfloat16", "float16"])),
+            "specials": draw(st.lists(st.sampled_from(SPECIAL), max_size=3))}
+
+
+def run_qlinear(case: dict) -> None:
+    g = _gen(case)
+    bits, k = case["bits"], case["k"]
+    kp = -(-k // SUPERBLOCK) * SUPERBLOCK  # packed rows are padded to whole superblocks (forkdec.qweight)
+    cols = case["codes_cols"] if case["codes_cols"] is not None else kp * (bits if bits in (4, 8) else 4) // 8
+    blocks = case["scale_cols"] if case["scale_cols"] is not None else kp // BLOCK
+    codes = torch.randint(0, 256, (case["n"], cols), generator=g, dtype=torch.uint8)
+    scale = torch.rand(case["n"], blocks, generator=g)
+    offset = torch.randn(case["n"], blocks, generator=g)
+    x = torch.randn(case["m"], case["x_cols"] if case["x_cols"] is not None else k, generator=g)
+    x = x.to(getattr(torch, case["dtype"]))
+    _poke(x, case["specials"], g)
+    bias = None if case["bias_len"] is None else torch.randn(max(case["n"] if case["bias_len"] < 0 else
+                                                                 case["bias_len"], 0), generator=g)
+    k_arg = k if case["k_arg"] is None else case["k_arg"]
+    with forkdec.validation(False):
+        y = torch.ops.forkdec.qlinear(x, codes, scale, offset, bits, k_arg, bias, None)
+    if tuple(y.shape) != (case["m"], case["n"]):
+        raise Finding(f"qlinear: output {tuple(y.shape)}, expected ({case['m']}, {case['n']})")
+
+
+@st.composite
 def tree_case(draw, sampling: bool):
     b = draw(st.integers(0, 3))
     sizes = draw(st.lists(st.integers(0, 4), min_size=b, max_size=b))
@@ -629,6 +698,10 @@ OPS: dict[str, tuple[Any, Callable[[dict], None], tuple[str, ...]]] = {
     "append_kv": (append_case(), run_append_kv, ("k_cache", "v_cache", "k", "v", "slots")),
     "sample": (sample_case(), run_sample, ("logits", "uniforms", "row_ids", "temperature", "top_k", "top_p",
                                            "min_p")),
+    "sample_with_logprobs": (signals_case(), run_sample_with_logprobs,
+                             ("logits", "uniforms", "row_ids", "temperature", "top_k", "top_p", "min_p", "num_top",
+                              "top_logprobs")),
+    "qlinear": (qlinear_case(), run_qlinear, ("x", "codes", "scale", "offset", "bits", "k", "bias")),
     "verify_tree_greedy": (tree_case(False), run_verify_greedy, TREE_ARGS),
     "verify_tree_sampling": (tree_case(True), run_verify_sampling, TREE_ARGS),
     "softmax": (softmax_case(), run_softmax, ("x", "dim", "temperature", "row_temperature")),
