@@ -72,10 +72,10 @@ async def _one(client: httpx.AsyncClient, url: str, body: dict) -> RequestTiming
                 chunk = json.loads(line[6:])
                 for ch in chunk.get("choices", []):
                     index = ch.get("index", 0)
-                    seen.add(index)
                     delta = ch.get("delta") or {}
                     if "role" in delta or (not delta.get("content") and ch.get("finish_reason")):
                         continue  # a stream's opening chunk, or a closing one without text: no token
+                    seen.add(index)  # a choice counts once it carries tokens
                     now = time.perf_counter()
                     t.first_token = t.first_token or now
                     t.chunk_times.setdefault(index, []).append(now)

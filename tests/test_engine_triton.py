@@ -23,7 +23,7 @@ pytestmark = [
 ]
 
 PROMPTS = ["the quick brown fox j", "0123456789abcdef012"]
-SAMPLE, PLAN_INIT = ops.sample, ops.CascadePlan.__init__
+SAMPLE, PLAN_INIT = ops.sample_with_logprobs, ops.CascadePlan.__init__
 
 
 def _generate(monkeypatch, backend: str, params: SamplingParams):
@@ -31,9 +31,9 @@ def _generate(monkeypatch, backend: str, params: SamplingParams):
     calls = []
 
     def sample_on(*args, **kwargs):
-        calls.append(backend)
-        return SAMPLE(*args, **kwargs, backend=backend)
-    monkeypatch.setattr(ops, "sample", sample_on)  # the engine draws with ops.sample(..., backend="auto")
+        calls.append(kwargs["backend"])
+        return SAMPLE(*args, **kwargs)
+    monkeypatch.setattr(ops, "sample_with_logprobs", sample_on)  # the engine's one sampler call per step
     seen = []
 
     def plan_init(self, *args, **kwargs):
@@ -42,7 +42,7 @@ def _generate(monkeypatch, backend: str, params: SamplingParams):
     monkeypatch.setattr(ops.CascadePlan, "__init__", plan_init)
     eng = Engine(TinyLlama(seed=1), tokenizer=ByteTokenizer(), page_size=8)
     out = eng.generate(PROMPTS, n=[2, 3], params=params, chat=False)
-    assert calls and set(seen) == {backend}, (calls, seen)  # the decode steps ran on `backend`
+    assert set(calls) == {backend} and set(seen) == {backend}, (calls, seen)  # the steps ran on `backend`
     return [[c.token_ids for c in paths] for paths in out]
 
 

@@ -204,7 +204,7 @@ def _speculative_scenarios(vocab: int, dtype_name: str) -> dict[str, Callable[[]
 
 
 def _sampling_scenarios(vocab: int, dtype_name: str) -> dict[str, Callable[[], None]]:
-    from forkdec.triton_kernels.sampling import sample_rows
+    from forkdec.triton_kernels.sampling import sample_rows, token_signals
     from forkdec.triton_kernels.softmax import softmax_rows
     dtype = DTYPES[dtype_name]
     x = torch.zeros(PATHS, vocab, dtype=dtype)
@@ -214,6 +214,9 @@ def _sampling_scenarios(vocab: int, dtype_name: str) -> dict[str, Callable[[], N
         "sample": lambda: sample_rows(x, torch.arange(r), f32, f32 + 1, torch.zeros(r, dtype=torch.int64), f32 + 1,
                                       f32, torch.zeros(r, dtype=torch.int64)),
         "softmax": lambda: softmax_rows(x, 1.0, None, torch.zeros(PATHS, vocab)),
+        # DeepConf's k = 20: the top-k slots the engine asks for with confidences
+        "signals": lambda: token_signals(x, torch.arange(r), torch.zeros(r, dtype=torch.int64), 20, f32.clone(),
+                                         torch.zeros(r, 20), torch.zeros(r, 20, dtype=torch.int64), f32.clone()),
     }
 
 
@@ -239,6 +242,7 @@ PHASES = {  # scenario suffix -> (phase, memory bound by the roofline)
     "tree_packed": ("tree", False), "append_kv": ("elementwise", True), "merge_state": ("merge", True),
     "verify_greedy": ("verify", True),
     "verify_sampling": ("verify", True), "sample": ("sampling", True), "softmax": ("sampling", True),
+    "signals": ("sampling", True),
     "add_rms_norm": ("elementwise", True), "rope_qkv": ("elementwise", True), "silu_and_mul": ("elementwise", True),
 }
 

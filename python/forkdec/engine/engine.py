@@ -398,7 +398,8 @@ class _Run:
         """Sample one token for every path (one call), add it, and finish the paths that end."""
         p = self.params
         short = [self.stop.stop_ids if len(q.token_ids) < p.min_tokens else () for q in paths]
-        d = draw(logits.float(), [p] * len(paths), generator=self.generator, row_ids=row_ids, mask_ids=short)
+        d = draw(logits.float(), [p] * len(paths), generator=self.generator, row_ids=row_ids, mask_ids=short,
+                 backend=self.backend)
         for r, (path, tok, lp) in enumerate(zip(paths, d.tokens, d.logprobs)):
             if path.finished:  # cancelled by an early stop earlier in this loop: its draw is dropped
                 continue

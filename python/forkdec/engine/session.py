@@ -373,7 +373,7 @@ class Session:
         """Draw each path's next token from its row of `logits` with its own params and uniform."""
         uniforms = torch.cat([torch.rand(1, generator=p.generator) for p in paths])
         short = [p.stop.stop_ids if len(p.token_ids) < p.params.min_tokens else () for p in paths]
-        d = draw(logits, [p.params for p in paths], uniforms=uniforms, mask_ids=short)
+        d = draw(logits, [p.params for p in paths], uniforms=uniforms, mask_ids=short, backend=self.backend)
         events = []
         for r, (p, tok, lp) in enumerate(zip(paths, d.tokens, d.logprobs)):
             p.token_ids.append(tok)

@@ -39,9 +39,10 @@ def _per_row(values: list, dtype: torch.dtype) -> Tensor | float | int:
 
 def draw(logits: Tensor, params: Sequence[SamplingParams], *, uniforms: Tensor | None = None,
          generator: torch.Generator | None = None, row_ids: Tensor | None = None,
-         mask_ids: Sequence[Sequence[int]] | None = None) -> Draw:
+         mask_ids: Sequence[Sequence[int]] | None = None, backend: str = "auto") -> Draw:
     """logits fp32 [B, V]; params: one per output row; row_ids as for ops.sample;
-    mask_ids: per output row, token ids to exclude from the draw (min_tokens)."""
+    mask_ids: per output row, token ids to exclude from the draw (min_tokens);
+    backend: the sampler's (the engine passes the one its attention runs on)."""
     if mask_ids is not None and any(mask_ids):
         rows = row_ids if row_ids is not None else torch.arange(len(params))
         logits = logits[rows].clone()
@@ -52,7 +53,7 @@ def draw(logits: Tensor, params: Sequence[SamplingParams], *, uniforms: Tensor |
     k = max(max(p.top_logprobs, p.confidence_k) for p in params)
     f32 = torch.float32
     out = ops.sample_with_logprobs(
-        logits, top_logprobs=k or None, row_ids=row_ids, uniforms=uniforms, generator=generator,
+        logits, top_logprobs=k or None, row_ids=row_ids, uniforms=uniforms, generator=generator, backend=backend,
         temperature=_per_row([float(p.temperature) for p in params], f32),
         top_k=_per_row([p.top_k for p in params], torch.int64),
         top_p=_per_row([float(p.top_p) for p in params], f32),
