@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 from forkdec.engine.params import SamplingParams
+from forkdec.json_output import human_output, write_json
 from forkdec.validation import require
 
 
@@ -64,21 +63,22 @@ def run_search(args: argparse.Namespace, model, tokenizer) -> int:
         seconds = time.perf_counter() - t0
     except ValueError as e:
         raise ValueError(str(e).replace("kv_budget_bytes:", "max-kv-bytes:", 1)) from None
-    print(f"{'rank':>4}  {'finish':<9} {'tokens':>6}  {'logprob':>8}  {'score':>8}  text")
-    for i, r in enumerate(rows):
-        flat = " ".join(r["text"].split())
-        print(f"{i:>4}  {r['finish_reason']:<9} {len(r['token_ids']):>6}  {r['cumulative_logprob']:>8.3f}  "
-              f"{r['score']:>8.3f}  {flat[:90]}")
     generated = sum(len(p.token_ids) for p in session.paths.values() if p.finish_reason != "forked")
-    print(f"stats: {args.search} search, {session.steps} steps, {len(session.paths)} paths made, {seconds:.2f} s; "
-          f"prompt tokens prefilled {session.prefill_tokens}, reused 0; "
-          f"partial pages copied on forks {session.memory.pages_copied}")
+    with human_output(args.json):
+        print(f"{'rank':>4}  {'finish':<9} {'tokens':>6}  {'logprob':>8}  {'score':>8}  text")
+        for i, r in enumerate(rows):
+            flat = " ".join(r["text"].split())
+            print(f"{i:>4}  {r['finish_reason']:<9} {len(r['token_ids']):>6}  {r['cumulative_logprob']:>8.3f}  "
+                  f"{r['score']:>8.3f}  {flat[:90]}")
+        print(f"stats: {args.search} search, {session.steps} steps, {len(session.paths)} paths made, {seconds:.2f} s; "
+              f"prompt tokens prefilled {session.prefill_tokens}, reused {session.reused_tokens}; "
+              f"partial pages copied on forks {session.memory.pages_copied}")
     if args.json:
         out = {"prompt": args.prompt, "search": args.search, "model": args.model or "default (SmolLM2-135M-Instruct GGUF)",
                "beam_width": args.beam_width, "length_penalty": args.length_penalty, "branch": args.branch,
                "keep": args.keep, "paths": rows,
                "stats": {"seconds": seconds, "steps": session.steps, "paths_made": len(session.paths),
                          "generated_tokens": generated, "prompt_tokens_prefilled": session.prefill_tokens}}
-        Path(args.json).write_text(json.dumps(out, indent=2))
+        write_json(args.json, out)
     session.close()
     return 0

@@ -8,12 +8,12 @@ line and exits with code 2.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import torch
 
 from forkdec.engine.cli import DTYPES, OneLineParser, add_calib_options, apply_calib, check_calib
+from forkdec.json_output import human_output, write_json
 from forkdec.validation import require
 
 
@@ -75,12 +75,12 @@ def run_reasoning(argv: list[str]) -> int:
     result = evaluate(engine, questions, strategies, budgets, params, window=args.window,
                       progress=lambda line: print(line, file=sys.stderr, flush=True))
     result.config["data"] = args.data
-    print(format_table(result))
-    if result.scoring_seconds:
-        print(f"(DeepConf confidences from a scoring pass: {result.scoring_seconds:.1f} s, not charged)")
+    with human_output(args.json):
+        print(format_table(result))
+        if result.scoring_seconds:
+            print(f"(DeepConf confidences from a scoring pass: {result.scoring_seconds:.1f} s, not charged)")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result.as_dict(), f, indent=1)
+        write_json(args.json, result.as_dict(), indent=1)
     return 0
 
 
@@ -110,9 +110,9 @@ def run(argv: list[str]) -> int:
         print(f"window {done}/{total}: ppl so far {ppl:.4f}", file=sys.stderr, flush=True)
 
     r = perplexity(model, ids, args.kv, window=args.window, chunk=args.chunk, windows=args.windows, progress=progress)
-    print(f"kv {args.kv}: ppl {r.ppl:.4f} (nll {r.nll:.5f}) over {r.tokens} predictions in {r.windows} windows "
-          f"of {r.window} tokens, chunks of {r.chunk}, {r.seconds:.1f} s")
+    with human_output(args.json):
+        print(f"kv {args.kv}: ppl {r.ppl:.4f} (nll {r.nll:.5f}) over {r.tokens} predictions in {r.windows} windows "
+              f"of {r.window} tokens, chunks of {r.chunk}, {r.seconds:.1f} s")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(r.__dict__, f, indent=1)
+        write_json(args.json, r.__dict__, indent=1)
     return 0
