@@ -77,6 +77,7 @@ class Scheduler:
         self.running: dict[int, Ticket] = {}  # id(ticket) -> ticket
         self.by_path: dict[Any, tuple[Ticket, int]] = {}  # path handle (hashable) -> (ticket, choice)
         self.counters = Counters()
+        self.engine_figures = {"live_paths": 0, "kv_bytes_used": 0, "prompt_tokens_reused": 0}
         self.cv = threading.Condition()
         self.closing = False
         self.thread = threading.Thread(target=self._loop, name="forkdec-scheduler", daemon=True)
@@ -106,15 +107,18 @@ class Scheduler:
         self.thread.join(timeout=30)
 
     def snapshot(self) -> dict[str, float]:
+        """Counters and gauges for /metrics. The engine's figures are read by the scheduler
+        thread after each step (the engine is not read from other threads)."""
         with self.cv:
             c = self.counters
             return {"running_requests": len(self.running), "waiting_requests": len(self.waiting),
-                    "live_paths": self.driver.live_paths(), "kv_bytes_used": self.driver.kv_bytes_used(),
-                    "requests_total": c.requests_total, "requests_rejected": c.requests_rejected,
-                    "generated_tokens": c.generated_tokens, "steps": c.steps, "step_seconds": c.step_seconds,
-                    "prompt_tokens_reused": self.driver.prompt_tokens_reused()}
+                    **self.engine_figures, "requests_total": c.requests_total,
+                    "requests_rejected": c.requests_rejected, "generated_tokens": c.generated_tokens,
+                    "steps": c.steps, "step_seconds": c.step_seconds}
 
     # ---- the scheduler thread ------------------------------------------------------------------
+    # The engine is touched only here, outside the lock: a prefill or a step never blocks the
+    # HTTP handlers' submit/cancel (which take the lock for the queue only).
     def _loop(self) -> None:
         while True:
             with self.cv:
@@ -122,11 +126,10 @@ class Scheduler:
                     self.cv.wait()
                 if self.closing:
                     break
-                self._drop_cancelled()
-                self._admit()
+            self._drop_cancelled()
+            self._admit()
             if not self.running:
-                # Nothing fits: wait for a cancel or close; in-use pages only shrink as paths end.
-                with self.cv:
+                with self.cv:  # nothing fits yet: wait for a cancel, a new request or close
                     self.cv.wait(timeout=0.05)
                 continue
             t = time.perf_counter()
@@ -138,31 +141,44 @@ class Scheduler:
             with self.cv:
                 self.counters.steps += 1
                 self.counters.step_seconds += time.perf_counter() - t
-                self._dispatch(events)
+            self._dispatch(events)
+            self._read_engine()
         self._fail_running(RuntimeError("the server is shutting down"))
 
-    def _admit(self) -> None:
-        while self.waiting:
-            ticket = self.waiting[0]
-            if ticket.cancelled:
+    def _read_engine(self) -> None:
+        figures = {"live_paths": self.driver.live_paths(), "kv_bytes_used": self.driver.kv_bytes_used(),
+                   "prompt_tokens_reused": self.driver.prompt_tokens_reused()}
+        with self.cv:
+            self.engine_figures = figures
+
+    def _next_waiting(self) -> Ticket | None:
+        with self.cv:
+            while self.waiting and self.waiting[0].cancelled:
                 self.waiting.popleft()
+            return self.waiting[0] if self.waiting else None
+
+    def _admit(self) -> None:
+        """Start waiting requests in arrival order while their pages fit."""
+        while (ticket := self._next_waiting()) is not None:
+            fits = self.driver.fits(ticket.request)
+            if not fits and self.running:
+                return  # running paths will free pages
+            with self.cv:
+                self.waiting.popleft()
+            if not fits:  # nothing runs and it still does not fit: it never will
+                ticket.emit("error", None, MemoryError("the request does not fit the KV budget"))
                 continue
-            if not self.driver.fits(ticket.request):
-                if not self.running:  # nothing will free pages: it can never fit
-                    self.waiting.popleft()
-                    ticket.emit("error", None, MemoryError("the request does not fit the KV budget"))
-                    continue
-                break
-            self.waiting.popleft()
             try:
                 ticket.paths = self.driver.start(ticket.request)
             except Exception as e:
                 ticket.emit("error", None, e)
                 continue
             ticket.open_choices = len(ticket.paths)
-            self.running[id(ticket)] = ticket
+            with self.cv:
+                self.running[id(ticket)] = ticket
             for choice, path in enumerate(ticket.paths):
                 self.by_path[path] = (ticket, choice)
+        self._read_engine()
 
     def _drop_cancelled(self) -> None:
         for key, ticket in list(self.running.items()):
@@ -171,7 +187,8 @@ class Scheduler:
                     if path in self.by_path:
                         self.driver.stop(path)
                         del self.by_path[path]
-                del self.running[key]
+                with self.cv:
+                    del self.running[key]
 
     def _dispatch(self, events: list[TokenEvent]) -> None:
         for ev in events:
@@ -180,13 +197,14 @@ class Scheduler:
                 continue
             ticket, choice = owner
             if ev.token_id is not None:
-                self.counters.generated_tokens += 1
+                self.counters.generated_tokens += 1  # (a plain int: the GIL keeps it whole)
             ticket.emit("token", choice, ev)
             if ev.finish_reason is not None:
                 del self.by_path[ev.path]
                 ticket.open_choices -= 1
                 if ticket.open_choices == 0:
-                    self.running.pop(id(ticket), None)
+                    with self.cv:
+                        self.running.pop(id(ticket), None)
                     ticket.emit("done", None, None)
 
     def _fail_running(self, error: Exception, waiting_too: bool = True) -> None:
