@@ -53,7 +53,7 @@ setup(
     install_requires=["torch>=2.4", "numpy", "gguf>=0.10", "tokenizers>=0.19", "jinja2", "safetensors"],
     extras_require={
         "test": ["pytest", "triton", "matplotlib", "transformers>=5", "accelerate",
-                 "fastapi", "uvicorn", "prometheus_client", "openai", "httpx"],
+                 "fastapi", "uvicorn", "prometheus_client", "openai", "httpx", "hypothesis"],
         "serve": ["fastapi", "uvicorn", "prometheus_client"],
         "bench": ["matplotlib"],
     },
