@@ -3,7 +3,8 @@
 Each server runs in its own process with its own defaults (llama-cpp-python's
 server: `python -m llama_cpp.server` from the interpreter given by
 --peer-python, with n_threads = the machine's cores, its documented setting,
-instead of its default of half of them). The load (bench/serve_load.py): GSM8K
+instead of its default of half of them, and interrupt_requests off, without
+which each new request cuts the streaming one short). The load (bench/serve_load.py): GSM8K
 test questions as chat completions with n choices, temperature 0.7, streamed,
 from C concurrent clients; a server that ignores `n` is asked for the missing
 choices by further requests. Reported per server and client count: requests/s,
@@ -113,7 +114,7 @@ def run(argv: list[str]) -> int:
     if args.peer_python:
         servers["llama.cpp"] = [args.peer_python, "-m", "llama_cpp.server", "--model", gguf,
                                 "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads),
-                                "--n_ctx", "4096"]
+                                "--n_ctx", "4096", "--interrupt_requests", "False"]
         peer_version = subprocess.run([args.peer_python, "-c", "import llama_cpp; print(llama_cpp.__version__)"],
                                       capture_output=True, text=True).stdout.strip()
     results: dict[tuple[str, int], dict[str, float]] = {}
@@ -147,7 +148,9 @@ def report(args: Any, clients: list[int], results: dict, peer_version: str) -> N
                                    f"max_tokens {args.max_tokens}, temperature 0.7, streamed",
                            "forkdec": "forkdec serve, its defaults (embedded model, KV budget half the free memory)",
                            "llama.cpp": f"llama-cpp-python {peer_version} `python -m llama_cpp.server`, n_threads "
-                                        f"{args.threads}, n_ctx 4096, its other defaults; it returns one choice per "
+                                        f"{args.threads}, n_ctx 4096, interrupt_requests False (its default, True, "
+                                        "cuts a streaming request short whenever another arrives), its other "
+                                        "defaults; it serves one request at a time and returns one choice per "
                                         "request, so the client asks again for each missing choice"})
     body = (f"Target: {TARGET}.\n\n"
             + markdown_table(["server", "clients", "requests", "seconds", "requests/s", "generated tok/s",
