@@ -311,7 +311,8 @@ def run(argv: list[str] | None = None) -> int:
         "forkdec OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "unset (libgomp spins)"),
         "torch threads": str(torch.get_num_threads()),
         "load average (1, 5, 15 min) at the end": ", ".join(f"{x:.1f}" for x in os.getloadavg()),
-        "note": "a machine shared with other agents' jobs (2 cores, loaded): numbers are indicative",
+        "note": ("the machine was loaded by other jobs (load average above its cores): numbers are indicative"
+                 if os.getloadavg()[1] > (os.cpu_count() or 1) else "nothing else ran on the machine"),
     })
     write_report(out / "engine.md", "Engine: tokens/s vs paths", facts, body)
     series = {f"forkdec {f}, short prompt": sorted((n, r["median"]) for (k, n), r in results[f].items() if k == "short")
