@@ -135,7 +135,7 @@ class Engine:
         their pages.
         """
         run = self._run(prompts, n, params, chat, progress, early_stop, on_step)
-        for _ in run.steps():
+        for _ in run.steps(views=False):
             pass
         self.last_stats = run.stats
         return [[c for c in s.results] for s in run.states]  # type: ignore[misc]
@@ -240,9 +240,11 @@ class _Run:
         self.t0 = time.perf_counter()
 
     # ---- loop -----------------------------------------------------------------------------------
-    def steps(self) -> Iterator[StepView]:
+    def steps(self, views: bool = True) -> Iterator[StepView | None]:
         """Admit, step, and show each step to the hooks; yields the step's view (generate and
-        stream drive this). Inference mode is held per step, never across a yield."""
+        stream drive this; views=False with no hooks builds none: generate's hot path).
+        Inference mode is held per step, never across a yield."""
+        views = views or bool(self.hooks)
         while True:
             with torch.inference_mode():
                 admitted = self.admit()
@@ -252,11 +254,12 @@ class _Run:
                     break
                 elif not admitted:  # cannot happen: the budget check holds one path of every prompt
                     raise RuntimeError("engine: paths are waiting but none can be admitted")
-                view = self.view()
+                view = self.view() if views else None
+                self.finished_now.clear()
                 for hook in self.hooks:
                     hook(view)
             yield view
-        if self.finished_now:  # paths a hook ended after the last step
+        if self.finished_now and views:  # paths a hook ended after the last step
             yield self.view()
         assert all(None not in s.results for s in self.states) and self.windows == 0
         assert self.alloc.num_used == self.e.kv_pages_cached, "pages left held after the call"
