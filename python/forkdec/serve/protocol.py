@@ -17,7 +17,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from forkdec.engine.params import SamplingParams
 
-VOTES = ("majority", "first-finish", "best-logprob")
 MAX_N = 256
 MAX_LOGPROBS = 20
 
