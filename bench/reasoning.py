@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from forkdec.bench.common import machine_facts, markdown_table, results_dir, write_report
@@ -58,6 +59,9 @@ def run(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m forkdec.bench.reasoning", description=__doc__)
     parser.add_argument("results", nargs="+", help="JSON files written by forkdec eval reasoning --json")
     parser.add_argument("--out", help="results folder (default: bench/results in a checkout)")
+    parser.add_argument("--model", default="embedded SmolLM2-135M-Instruct (Q4_1 GGUF), forkdec.Engine defaults",
+                        help="what the runs used, for the report")
+    parser.add_argument("--load", default="", help="the machine's load during the runs, for the report")
     parser.add_argument("--note", default="", help="text added under the tables (findings, caveats)")
     args = parser.parse_args(argv)
     merged: dict[str, dict] = {}  # runs of one data set (e.g. one per budget) become one table
@@ -70,7 +74,6 @@ def run(argv: list[str] | None = None) -> int:
             continue
         into = merged[name]
         into["config"]["budgets"] = sorted(set(into["config"]["budgets"]) | set(r["config"]["budgets"]))
-        into["scoring_seconds"] = into.get("scoring_seconds", 0) + r.get("scoring_seconds", 0)
         for strategy, by_n in r["strategies"].items():
             into["strategies"].setdefault(strategy, {}).update(by_n)
     results = list(merged.items())
@@ -82,14 +85,14 @@ def run(argv: list[str] | None = None) -> int:
         body.append(f"## {name}: {c['questions']} questions, budgets {c['budgets']}\n\n"
                     f"Sampling: temperature {c['temperature']}, top_p {c['top_p']}, max {c['max_new_tokens']} new "
                     f"tokens, seed {c['seed']}; DeepConf window {c['window']} tokens, confidence over the top "
-                    f"{c['confidence_k']} logprobs (scoring pass: {r.get('scoring_seconds', 0):.0f} s, not "
-                    f"charged). Prompt: `{c['prompt']!r}` in the chat template.\n\n" + table(r))
+                    f"{c['confidence_k']} logprobs from the sampler; DeepConf online: warm-up "
+                    f"{c.get('warmup', 'max(2, n // 8)')} paths, consensus tau {c.get('tau', 0.95)}. Prompt: `{c['prompt']!r}` in the chat template.\n\n" + table(r))
     body.append("![accuracy against generated tokens](reasoning.png)")
     if args.note:
         body.append(args.note)
-    facts = machine_facts({"model": "embedded SmolLM2-135M-Instruct (Q4_1 GGUF), forkdec.Engine defaults",
-                           "load": "machine shared with other agents' builds and tests (load average 10-18 on 2 "
-                                   "cores): seconds are inflated and noisy; token counts and accuracy are not"})
+    facts = machine_facts({"model": args.model,
+                           "load": args.load or "load average (1, 5, 15 min) when the report was written: "
+                                   + ", ".join(f"{x:.1f}" for x in os.getloadavg())})
     write_report(out / "reasoning.md", "Reasoning: what each strategy buys", facts, "\n\n".join(body) + "\n")
     return 0
 

@@ -46,6 +46,13 @@ def test_threshold_is_the_percentile_that_keeps_the_top_share():
     assert deepconf_threshold(warm, keep=90) == pytest.approx(1.4)  # DeepConf-high: 10th percentile
 
 
+def test_threshold_leaves_out_paths_without_tokens():
+    import math
+    scores = [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert deepconf_threshold(scores + [-math.inf, -math.inf], 50) == deepconf_threshold(scores, 50) == 3.0
+    assert deepconf_threshold([-math.inf, -math.inf], 10) == -math.inf
+
+
 def test_online_stop_needs_a_full_window_below_the_threshold():
     assert should_stop([3, 3, 1, 1], threshold=2, window=2)
     assert not should_stop([3, 3, 3, 1], threshold=2, window=2)  # mean 2 is not below 2

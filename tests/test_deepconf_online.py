@@ -61,3 +61,34 @@ def test_bad_arguments_name_them(kw, arg):
     n = call.pop("n")
     with pytest.raises(ValueError, match=arg):
         deepconf_online(session(), PROMPT, n, SamplingParams(max_new_tokens=8), chat=False, **call)
+
+
+@pytest.mark.parametrize("budget_pages,tau", [(None, 0.95), (None, None), (40, None), (10, None)])
+def test_many_prompts_side_by_side_equal_each_alone(budget_pages, tau):
+    """Searches of several prompts in one Session (queued when the KV budget is short)
+    keep, cut and vote exactly as each run alone. (With a consensus tau and a short
+    budget they may not: fewer paths run at once, so consensus is checked between
+    other starts, as with a smaller `batch`.)"""
+    from forkdec.search.deepconf_online import OnlineSearch, deepconf_online_many
+
+    prompts = ["3 + 4 = ", "12 - 5 = ", "2 * 8 = "]
+    params = SamplingParams(temperature=1.0, max_new_tokens=16, seed=9, confidence_k=20)
+    alone = []
+    for p in prompts:
+        s = session()
+        run = deepconf_online(s, p, 8, params, keep=10.0, window=4, tau=tau, chat=False)
+        alone.append((run, [s.path(i).token_ids for i in run.paths]))
+    engine = Engine(TinyLlama(seed=0, eos_bias=1.0), tokenizer=ByteTokenizer())
+    if budget_pages is not None:
+        engine = Engine(engine.model, tokenizer=ByteTokenizer(), kv_budget_bytes=budget_pages * engine.page_bytes)
+    s = Session(engine)
+    searches = [OnlineSearch(s, p, 8, params, keep=10.0, window=4, tau=tau, chat=False) for p in prompts]
+    seen = []
+    runs = deepconf_online_many(s, searches, progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(1, 3), (2, 3), (3, 3)]
+    for run, (want, tokens) in zip(runs, alone):
+        assert [s.path(i).token_ids for i in run.paths] == tokens
+        assert run.generated_tokens == want.generated_tokens and run.vote.answer == want.vote.answer
+        assert len(run.stopped) == len(want.stopped) and run.threshold == pytest.approx(want.threshold)
+    s.close()
+    assert s.pages_in_use == s.prefix.num_pages

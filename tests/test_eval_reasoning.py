@@ -1,16 +1,19 @@
-"""forkdec eval reasoning: the questions, the strategies' bookkeeping (on a
-scripted engine), the offline confidence scoring (on the real model), bad input."""
+"""forkdec eval reasoning: the questions, the strategies' bookkeeping (on the tiny
+model: the same paths, real DeepConf online runs), the offline confidence scoring (on
+the real model), bad input."""
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 
 import pytest
+import torch
 
 from forkdec.cli import main
 from forkdec.engine.params import SamplingParams
 from forkdec.eval.arith import arith_problems
-from forkdec.eval.reasoning import evaluate, load_questions, parse_budgets, parse_strategies
+from forkdec.eval.reasoning import Question, evaluate, load_questions, parse_budgets, parse_strategies
+from engine_fixtures import EOS, ByteTokenizer, TinyLlama
 
 
 def test_arith_problems_are_reproducible_and_exact():
@@ -75,51 +78,74 @@ class FakeCompletion:
     token_confidences: list
 
 
-class ScriptedEngine:
-    """Answers every prompt with the same scripted paths: 3 paths say 7 (low
-    confidence), 1 says 5 (high confidence); greedy says 5."""
-    def __init__(self):
-        self.calls = []
-
-    def encode(self, prompt):
-        return [1, 2, 3]
-
-    def generate(self, prompts, n, params, early_stop=None):
-        self.calls.append((n, params.temperature, early_stop is not None))
-        return [self.paths(n, params, early_stop) for _ in prompts]
-
-    def paths(self, n, params, early_stop):
-        if params.temperature == 0:
-            paths = [FakeCompletion("#### 5", [0] * 4, "stop", -1.0, 0, [9.0] * 4)]
-        else:
-            paths = [FakeCompletion("#### 7" if i % 4 else "#### 5", [0] * (10 + i), "stop", -float(i), i,
-                                    [1.0] * (10 + i) if i % 4 else [9.0] * (10 + i)) for i in range(n)]
-        if early_stop is not None:
-            paths = paths[:max(1, n // 4)]
-        return paths
+class DigitLlama(TinyLlama):
+    """The tiny model writing only digits and its end token, so its paths carry answers."""
+    def forward(self, *args, **kwargs):
+        logits = super().forward(*args, **kwargs)
+        allowed = torch.full((logits.shape[-1],), float("-inf"))
+        allowed[ord("0"):ord("9") + 1] = 0.0
+        allowed[EOS] = 0.0
+        return logits + allowed
 
 
-def test_evaluate_applies_each_strategy_to_its_own_paths():
-    questions = load_questions("arith", limit=2)
-    answer = questions[0].answer
-    engine = ScriptedEngine()
-    names = ["majority", "best-logprob", "greedy", "first-finish", "deepconf-low", "deepconf-online-low"]
-    r = evaluate(engine, questions[:1], names, [8], SamplingParams(temperature=0.7), window=4)
-    t = {s: r.tallies[s][8] for s in names}
-    right = {s: (answer == "7") if s in ("majority",) else (answer == "5") for s in names}
-    for s in ("majority", "best-logprob", "greedy", "first-finish", "deepconf-low"):
-        assert t[s].correct == int(right[s]), s
-    # majority and best-logprob share one call's tokens; first-finish stopped after 2 paths
-    assert t["majority"].generated_tokens == t["best-logprob"].generated_tokens == sum(10 + i for i in range(8))
-    assert t["first-finish"].generated_tokens == 10 + 11
-    assert t["greedy"].generated_tokens == 4
-    # online: warm-up 2 paths (threshold from their lowest groups 9 and 1 at keep 10%: 8.2), later
-    # low-confidence paths stop after the first window of 4 tokens, the 5-path at index 4 finishes
-    assert t["deepconf-online-low"].generated_tokens < t["majority"].generated_tokens
-    assert t["deepconf-online-low"].seconds_estimated
-    assert (8, 0.7, False) in engine.calls and (1, 0.0, False) in engine.calls and (8, 0.7, True) in engine.calls
-    d = r.as_dict()["strategies"]["majority"]["8"]
-    assert set(d) >= {"accuracy", "generated_tokens", "seconds"}
+def digit_engine():
+    from forkdec.engine.engine import Engine
+    return Engine(DigitLlama(seed=2, eos_bias=2.0), tokenizer=ByteTokenizer())
+
+
+def test_evaluate_scores_each_strategy_on_the_paths_it_decodes():
+    """Every sampled strategy is scored on the same Session paths (path i: seed + i), DeepConf
+    online is a real run whose paths are prefixes of those, and the tallies are what direct
+    runs of the same pieces give."""
+    from forkdec.engine.session import Session
+    from forkdec.search import deepconf_online
+    from forkdec.strategies import best_logprob, majority_vote
+
+    engine, n, window = digit_engine(), 6, 2
+    params = SamplingParams(temperature=1.0, max_new_tokens=8, seed=3)
+    sampled = SamplingParams(temperature=1.0, max_new_tokens=8, seed=3, confidence_k=20)
+    prompts = ["1 + 2 = ?", "4 + 4 = ?", "9 - 3 = ?"]
+    direct = Session(engine)
+    full = [[direct.path(i) for i in direct.start(engine.encode(p), n, sampled)] for p in prompts]
+    direct.run()
+    texts = [[engine.tokenizer.decode(p.token_ids) for p in paths] for paths in full]
+
+    def as_paths(k):
+        return [FakeCompletion(t, p.token_ids, p.finish_reason, p.cumulative_logprob, i, p.token_confidences)
+                for i, (t, p) in enumerate(zip(texts[k], full[k]))]
+    majority = [majority_vote(as_paths(k)).answer for k in range(3)]
+    assert any(m is not None for m in majority)
+    # questions whose answers the majority of q0 and q2 hits, q1 misses
+    questions = [Question(prompts[0], str(majority[0])), Question(prompts[1], "nope"), Question(prompts[2], str(majority[2]))]
+    online = {keep: [deepconf_online(Session(engine), p, n, sampled, keep=keep, window=window) for p in prompts]
+              for keep in (10.0, 90.0)}
+
+    names = ["majority", "best-logprob", "deepconf-low", "deepconf-online-low", "deepconf-online-high",
+             "first-finish-replay"]
+    r = evaluate(engine, questions, names, [n], params, window=window)
+    t = {s: r.tallies[s][n] for s in names}
+    every = sum(len(p.token_ids) for paths in full for p in paths)
+    assert t["majority"].generated_tokens == t["best-logprob"].generated_tokens == every
+    assert t["majority"].correct == sum(m == q.answer for m, q in zip(majority, questions)) >= 1
+    assert t["best-logprob"].correct == sum(best_logprob(as_paths(k)).answer == q.answer
+                                            for k, q in enumerate(questions))
+    for s, keep in (("deepconf-online-low", 10.0), ("deepconf-online-high", 90.0)):
+        runs = online[keep]
+        assert t[s].generated_tokens == sum(run.generated_tokens for run in runs) <= every
+        assert t[s].correct == sum(run.vote.answer == q.answer for run, q in zip(runs, questions))
+        assert not t[s].seconds_estimated
+    # DeepConf online's path i is a prefix of the full run's path i (same seed)
+    s = Session(engine)
+    run = deepconf_online(s, prompts[0], n, sampled, keep=10.0, window=window)
+    for i, pid in enumerate(run.paths):
+        got = s.path(pid).token_ids
+        assert got == full[0][i].token_ids[:len(got)]
+    assert t["first-finish-replay"].generated_tokens <= every
+
+
+def test_evaluate_refuses_online_budgets_below_two():
+    with pytest.raises(ValueError, match="^n:"):
+        evaluate(digit_engine(), [Question("1?", "1")], ["deepconf-online-low"], [1], SamplingParams())
 
 
 def test_score_confidences_agree_with_the_engines_own_logprobs():

@@ -51,6 +51,8 @@ def reasoning_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--window", type=int, default=32, help="DeepConf group window in tokens (default 32)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="DeepConf online warm-up paths per question (default max(2, n // 8))")
     p.add_argument("--model", metavar="PATH", help="GGUF file or HF folder (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="compute dtype (default: the engine's)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
@@ -67,18 +69,18 @@ def run_reasoning(argv: list[str]) -> int:
     strategies = parse_strategies(args.strategies)
     budgets = parse_budgets(args.n)
     require(args.window >= 1, "window", f"must be >= 1, got {args.window}")
+    require(args.warmup is None or 1 <= args.warmup < min(budgets), "warmup",
+            f"must be in 1..{min(budgets) - 1} (below every budget), got {args.warmup}")
     questions = load_questions(args.data, args.limit, args.data_seed)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                             seed=args.seed)
     model, tokenizer = load(args.model, DTYPES.get(args.dtype) if args.dtype else None)
     engine = Engine(model, tokenizer=tokenizer)
-    result = evaluate(engine, questions, strategies, budgets, params, window=args.window,
+    result = evaluate(engine, questions, strategies, budgets, params, window=args.window, warmup=args.warmup,
                       progress=lambda line: print(line, file=sys.stderr, flush=True))
     result.config["data"] = args.data
     with human_output(args.json):
         print(format_table(result))
-        if result.scoring_seconds:
-            print(f"(DeepConf confidences from a scoring pass: {result.scoring_seconds:.1f} s, not charged)")
     if args.json:
         write_json(args.json, result.as_dict(), indent=1)
     return 0

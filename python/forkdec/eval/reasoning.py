@@ -1,39 +1,34 @@
 """What each answer-selection strategy buys: accuracy against generated tokens and time.
 
-For every budget n, the engine decodes n sampled paths of every question in
-one `generate` call (each prompt prefilled once); the strategies that choose among
-finished paths (majority, best-logprob, DeepConf offline) are applied to those
-same paths, so they share their cost. first-finish and greedy run their own
-calls (first-finish stops a prompt's paths once k = max(1, n // 4) of them have
-finished, through `generate(early_stop=...)`; greedy is one path at
-temperature 0, the same for every budget).
+For every budget n, n sampled paths of every question are decoded to their end
+on one Session (all questions side by side, each prompt prefilled once; path i
+drawn with seed + i); the strategies that choose among finished paths (majority,
+best-logprob, DeepConf offline, first-finish replayed) are applied to those same
+paths, so they share their cost. DeepConf online (`deepconf-online-low|high`)
+is a real run of forkdec.search.deepconf_online on its own Session, with the
+same seeds, so its paths are prefixes of the full run's: its tokens and seconds
+are measured, and its accuracy differs from majority's only by what it stopped
+and how it voted. first-finish runs its own `generate` call with early_stop
+(k = max(1, n // 4) finished paths per prompt); greedy is one path at temperature
+0, the same for every budget.
 
-DeepConf needs each path's per-token confidences (`token_confidences`, one
-float per token id: -(1/k) * sum of the top-k logprobs, k = 20). When the
-engine's `Completion` carries them they are used as they are; until then
-`score_confidences` computes them offline with one prefill forward over prompt
-+ path per path (batched, fp32 cache), whose time is reported apart
-(`scoring_seconds`), not charged to the strategy. Completions from a
-first-finish call count the tokens of every path, cancelled ones included. DeepConf online
-(`deepconf-online-low|high`) is replayed on the full paths
-(`forkdec.strategies.simulate_online`, warm-up max(2, n // 4) paths, tau 0.95):
-its generated tokens are those it would have decoded, and its seconds the
-call's time scaled by that share of the tokens (an estimate, flagged
-`seconds_estimated`).
+Per-token confidences (DeepConf's -(1/k) * sum of the top-k logprobs, k = 20) come
+from the sampler as it decodes. `score_confidences` computes them for paths
+decoded elsewhere (one prefill forward over prompt + path).
 """
 from __future__ import annotations
 
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import torch
 
 from forkdec.eval.arith import DEFAULT_STEPS, arith_problems
-from forkdec.strategies import (STRATEGIES, extract_answer, first_finish, first_finish_stopper, normalize_answer,
-                                simulate_online)
+from forkdec.eval.session_runs import ScoredPath, decode_all, online_runs
+from forkdec.strategies import STRATEGIES, extract_answer, first_finish, first_finish_stopper, normalize_answer
 from forkdec.validation import require
 
 # The bare question: asking SmolLM2-135M for a "#### N" line made it repeat that line to the token limit.
@@ -48,20 +43,6 @@ CONFIDENCE_K = 20
 class Question:
     question: str
     answer: str  # normalized
-
-
-@dataclass
-class ScoredPath:
-    """A finished path with its per-token signals (the shape the engine's
-    Completion will carry): token_logprobs and token_confidences hold one float
-    per entry of token_ids."""
-    text: str
-    token_ids: list[int]
-    finish_reason: str
-    cumulative_logprob: float
-    finish_order: int
-    token_logprobs: list[float] = field(default_factory=list)
-    token_confidences: list[float] | None = None
 
 
 def parse_strategies(text: str) -> list[str]:
@@ -187,37 +168,24 @@ class Tally:
 class ReasoningResult:
     config: dict
     tallies: dict[str, dict[int, Tally]]
-    scoring_seconds: float = 0.0
 
     def as_dict(self) -> dict:
-        return {"config": self.config, "scoring_seconds": round(self.scoring_seconds, 3),
+        return {"config": self.config,
                 "strategies": {s: {str(n): t.as_dict() for n, t in by_n.items()} for s, by_n in self.tallies.items()}}
 
 
-def _paths_with_signals(engine, prompt_ids: list[int], completions: list) -> tuple[list[ScoredPath], float]:
-    t = time.perf_counter()
-    have = all(getattr(c, "token_confidences", None) is not None for c in completions)
-    signals = None if have else score_confidences(engine.model, prompt_ids, [c.token_ids for c in completions])
-    paths = []
-    for i, c in enumerate(completions):
-        lps, conf = ((getattr(c, "token_logprobs", None) or [], c.token_confidences) if have else signals[i])
-        paths.append(ScoredPath(c.text, list(c.token_ids), c.finish_reason, c.cumulative_logprob, c.finish_order,
-                                list(lps), list(conf)))
-    return paths, (0.0 if have else time.perf_counter() - t)
-
-
 def evaluate(engine, questions: Sequence[Question], strategies: Sequence[str], budgets: Sequence[int], params,
-             window: int = 32, progress: Callable[[str], None] | None = None) -> ReasoningResult:
+             window: int = 32, warmup: int | None = None,
+             progress: Callable[[str], None] | None = None) -> ReasoningResult:
     """Runs every strategy at every budget on every question (see the module
-    docstring). All questions go into one `generate` call per budget (n paths
-    each, every prompt prefilled once), so `seconds` are the calls' wall times
-    over all questions; per-question seconds are those divided by the count."""
-    from dataclasses import replace
-
+    docstring). `seconds` are the runs' wall times over all questions (per-question
+    seconds are those divided by the count). warmup: DeepConf online's warm-up paths
+    (default max(2, n // 8))."""
+    online = [s for s in strategies if s.startswith("deepconf-online")]
+    require(not online or min(budgets) >= 2, "n", f"{online[0] if online else ''} needs budgets >= 2, got {budgets}")
     tallies = {s: {n: Tally() for n in budgets} for s in strategies}
-    scoring = 0.0
-    needs_signals = any(s.startswith("deepconf") for s in strategies)
     prompts = [PROMPT.format(question=q.question) for q in questions]
+    sampled = replace(params, confidence_k=CONFIDENCE_K)
 
     def note(line: str) -> None:
         if progress is not None:
@@ -233,40 +201,36 @@ def evaluate(engine, questions: Sequence[Question], strategies: Sequence[str], b
             tallies["greedy"][n].seconds += seconds
         note(f"greedy: {tallies['greedy'][budgets[0]].correct}/{len(questions)} in {seconds:.1f} s")
     for n in budgets:
-        if any(s in SAMPLED for s in strategies):
+        full = [s for s in strategies if s in SAMPLED and s not in online]
+        if full:
             t = time.perf_counter()
-            # the engine's sampler gives DeepConf's token confidences as it decodes (fused, no second pass)
-            outs = engine.generate(prompts, n, replace(params, confidence_k=CONFIDENCE_K) if needs_signals else params)
+            outs = decode_all(engine, prompts, n, sampled)
             seconds = time.perf_counter() - t
-            all_tokens = sum(len(c.token_ids) for out in outs for c in out)
-            online_tokens = {s: 0 for s in strategies}
-            for qi, (q, completions) in enumerate(zip(questions, outs)):
-                tokens = sum(len(c.token_ids) for c in completions)
-                paths = completions
-                if needs_signals:
-                    paths, spent = _paths_with_signals(engine, engine.encode(prompts[qi]), completions)
-                    scoring += spent
-                for s in strategies:
+            all_tokens = sum(len(p.token_ids) for paths in outs for p in paths)
+            for q, paths in zip(questions, outs):
+                tokens = sum(len(p.token_ids) for p in paths)
+                for s in full:
                     if s == "first-finish-replay":
-                        vote, replay_tokens = replay_first_finish(completions, max(1, n // 4))
+                        vote, replay_tokens = replay_first_finish(paths, max(1, n // 4))
                         _add(tallies[s][n], vote.answer == q.answer, replay_tokens, estimated=True)
-                        online_tokens[s] += replay_tokens
-                    elif s.startswith("deepconf-online"):
-                        keep = 10.0 if s.endswith("low") else 90.0
-                        r = simulate_online(paths, warmup=min(n, max(2, n // 4)), keep=keep, window=window)
-                        _add(tallies[s][n], r.vote.answer == q.answer, r.generated_tokens, estimated=True)
-                        online_tokens[s] += r.generated_tokens
-                    elif s in SAMPLED:
+                    else:
                         fn = STRATEGIES[s]
                         vote = fn(paths, window=window) if s.startswith("deepconf") else fn(paths)
                         _add(tallies[s][n], vote.answer == q.answer, tokens)
-            for s in strategies:
-                if s in SAMPLED:
-                    replayed = s.startswith("deepconf-online") or s == "first-finish-replay"
-                    share = online_tokens[s] / max(1, all_tokens) if replayed else 1.0
-                    tallies[s][n].seconds += seconds * share
+            for s in full:
+                share = tallies[s][n].generated_tokens / max(1, all_tokens) if s == "first-finish-replay" else 1.0
+                tallies[s][n].seconds += seconds * share
             note(f"n={n}: {all_tokens} tokens in {seconds:.1f} s; "
-                 + ", ".join(f"{s} {tallies[s][n].correct}/{len(questions)}" for s in strategies if s in SAMPLED))
+                 + ", ".join(f"{s} {tallies[s][n].correct}/{len(questions)}" for s in full))
+        for s in online:
+            t = time.perf_counter()
+            runs = online_runs(engine, prompts, n, sampled, keep=10.0 if s.endswith("low") else 90.0,
+                               window=window, warmup=warmup)
+            tallies[s][n].seconds += time.perf_counter() - t
+            for q, r in zip(questions, runs):
+                _add(tallies[s][n], r.vote.answer == q.answer, r.generated_tokens)
+            note(f"n={n}: {s} {tallies[s][n].correct}/{len(questions)}, {tallies[s][n].generated_tokens} tokens "
+                 f"in {tallies[s][n].seconds:.1f} s")
         if "first-finish" in strategies:
             k = max(1, n // 4)
             t = time.perf_counter()
@@ -280,8 +244,9 @@ def evaluate(engine, questions: Sequence[Question], strategies: Sequence[str], b
     config = {"questions": len(questions), "budgets": list(budgets), "strategies": list(strategies),
               "temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k,
               "max_new_tokens": params.max_new_tokens, "seed": params.seed, "window": window,
+              "warmup": "max(2, n // 8)" if warmup is None else warmup, "tau": 0.95,
               "confidence_k": CONFIDENCE_K, "prompt": PROMPT}
-    return ReasoningResult(config, tallies, scoring)
+    return ReasoningResult(config, tallies)
 
 
 def replay_first_finish(paths: Sequence, k: int):

@@ -126,12 +126,15 @@ def trace_score(path: ConfidentPath, score: str = "lowest-group", window: int = 
 def deepconf_threshold(warmup_scores: Sequence[float], keep: float) -> float:
     """The stopping threshold from the warm-up paths' lowest group confidences:
     their (100 - keep)-th percentile, so that `keep` % of them lie at or above it
-    (DeepConf-low: keep = 10; DeepConf-high: keep = 90)."""
+    (DeepConf-low: keep = 10; DeepConf-high: keep = 90). Paths without tokens (score
+    -inf: they ended at their first draw) carry no confidence and are left out; if no
+    path has any, the threshold is -inf (nothing is stopped)."""
     _check_percent(keep, "keep")
     scores = np.asarray(list(warmup_scores), dtype=np.float64)
     if scores.size == 0:
         raise ValueError("warmup_scores: needs at least one warm-up path")
-    return float(np.percentile(scores, 100 - keep))
+    scores = scores[np.isfinite(scores)]
+    return float(np.percentile(scores, 100 - keep)) if scores.size else -math.inf
 
 
 def should_stop(confidences: Sequence[float], threshold: float, window: int = DEFAULT_WINDOW) -> bool:
