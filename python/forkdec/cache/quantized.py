@@ -438,7 +438,8 @@ class QuantizedKVCache:
         for page in pages:
             if not bool(self.quant[page]):
                 require(int(self.slot_of[page]) >= 0, "pages", f"page {page} holds no tokens")
-                self._quantize_page(page, keep_window=True)
+                with torch.inference_mode():
+                    self._quantize_page(page, keep_window=True)
 
     def drop_windows(self, pages: list[int]) -> None:
         """Free the window slots of `pages` (each quantized first if it is not yet)."""
@@ -447,7 +448,8 @@ class QuantizedKVCache:
             if slot < 0:
                 continue
             if not bool(self.quant[page]):
-                self._quantize_page(page, keep_window=True)
+                with torch.inference_mode():
+                    self._quantize_page(page, keep_window=True)
             self.slot_of[page] = -1
             self._free_slots.append(slot)
 
@@ -459,8 +461,9 @@ class QuantizedKVCache:
         if int(self.slot_of[dst]) < 0:
             self.slot_of[dst] = self._slot()
         d = int(self.slot_of[dst])
-        for t in self.fp.values():
-            t[:, d, :tokens] = t[:, s, :tokens]
+        with torch.inference_mode():  # the pool's tensors are made in inference mode (a step's growth)
+            for t in self.fp.values():
+                t[:, d, :tokens] = t[:, s, :tokens]
         self.start_pos[dst] = self.start_pos[src]
         self.quant[dst] = False
 
