@@ -20,6 +20,14 @@ and its window part and merges the parts' states by LSE:
   accumulates the dequantized deltas of the quantized pages layer by layer
   (closed loop); X from it goes to `ops.xquant_attention` as float pages.
 
+Paths that share pages (forkdec.engine.session): the caller passes
+`read_quantized` (per level and request, the leading pages read quantized) and
+owns the flush (`quantize` writes a page's quantized copy and keeps its window
+slot; `drop_windows` frees slots), so a page read by paths of different
+lengths can be in both states at once and each path reads it as its own decode
+would (the rule: forkdec.engine.tree_windows). `copy_prefix` copies a partial
+window page on a fork.
+
 Tree verification (a level with a custom mask, forkdec.xquant.tree_step): the
 step's own tokens (root and draft nodes, all in the window) are a third part,
 attended with the mask's columns over them; nothing is flushed until
@@ -223,10 +231,11 @@ class QuantizedKVCache:
                         nq += 1
                 else:
                     nq = read_quantized[li][b]
-                    require(0 <= nq <= len(pg) and all(quant[g] for g in pg[:nq])
-                            and all(slot_of[g] >= 0 for g in pg[nq:]), "read_quantized",
-                            f"level {li} request {b}: {nq} of its {len(pg)} pages cannot be read quantized "
-                            f"(each needs its quantized copy, each other page a window slot)")
+                    if validation_enabled():
+                        require(0 <= nq <= len(pg) and all(quant[g] for g in pg[:nq])
+                                and all(slot_of[g] >= 0 for g in pg[nq:]), "read_quantized",
+                                f"level {li} request {b}: {nq} of its {len(pg)} pages cannot be read quantized "
+                                f"(each needs its quantized copy, each other page a window slot)")
                 window = (len(pg) - nq - 1) * p + last[b] if len(pg) > nq else 0
                 kv_lens.append(nq * p + window)
                 if lv.custom_mask is not None:

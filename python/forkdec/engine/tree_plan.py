@@ -10,6 +10,10 @@ covered by an empty group (no pages: it adds nothing to the merged state).
 Folding: a segment with fewer than `fold_pages` pages is not a group of its
 own; its pages are prepended to each child's group instead (read once per
 child, one level fewer to merge). docs/engine.md gives the measured rule.
+
+Quantized caches (`tree_levels_split`): each group also says how many of its
+leading pages its rows read quantized; rows that disagree (paths of unequal
+lengths below a shared segment) get groups of their own (forkdec.engine.tree_windows).
 """
 from __future__ import annotations
 
