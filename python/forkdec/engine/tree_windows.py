@@ -22,7 +22,8 @@ pages (forkdec.engine.tree_plan.tree_levels_split); siblings decoding in
 lockstep (beam and tree search, DeepConf) always agree, so their groups stay
 whole and each shared page is quantized and leaves the window in the same step.
 A forked child therefore reads every page exactly as the unforked path does
-(the same tokens up to the order in which attention states are merged). A
+(the same tokens up to float noise: attention states merge in another order,
+and the 16-bit window rounds the next layer's rows on either side of it). A
 prefix-cache hit reads the cached pages in the state it finds them: a page
 quantized earlier is read quantized where a cold prefill would have read it in
 full precision (tests/test_session_quantized.py bounds the difference).
