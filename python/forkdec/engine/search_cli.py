@@ -30,8 +30,6 @@ def check_search(args: argparse.Namespace) -> None:
     require(args.boundary != "", "boundary", "is empty")
     if args.search == "beam":
         require(args.n <= args.beam_width, "n", f"{args.n} beams asked of --beam-width {args.beam_width}")
-        require(args.kv is None or not args.kv.startswith(("xquant", "kivi")), "kv",
-                "beam search forks paths, which quantized cache kinds do not support yet")
 
 
 def run_search(args: argparse.Namespace, model, tokenizer) -> int:

@@ -14,6 +14,11 @@ caller's `tokens` in its place, as beam search does), so children diverge from
 the token after it. Pages: see forkdec.engine.tree_memory. Every page a path
 could still need is reserved when it starts or is forked, so a step never runs
 out of pages; a start or fork the budget cannot back is refused (ValueError).
+
+Quantized cache kinds (XQuant, KIVI): every live path also holds the budget of
+one full-precision window (CacheKind.window_pages, reserved with its pages);
+which pages each path reads quantized and when shared pages are quantized and
+leave the window is forkdec.engine.tree_windows (a fork is transparent).
 """
 from __future__ import annotations
 
@@ -30,7 +35,8 @@ from forkdec.engine.params import SamplingParams
 from forkdec.engine.stops import StopChecker
 from forkdec.engine.token_sampler import draw
 from forkdec.engine.tree_memory import Segment, TreeMemory
-from forkdec.engine.tree_plan import tree_levels
+from forkdec.engine.tree_plan import tree_levels_split
+from forkdec.engine.tree_windows import TreeWindows
 from forkdec.ops import CascadeLevel
 from forkdec.validation import require
 
@@ -70,6 +76,9 @@ class TreePath:
     finish_reason: str | None = None
     segment_start: int = 0             # index in token_ids where the current step (boundary) began
     parent: int | None = None
+    window: int = 0                    # budget pages held for its full-precision window (quantized kinds)
+    quant_floor: int = 0               # leading chain pages found quantized at its start (prefix cache)
+    quant_done: int = 0                # its q(L) at the last settle (forkdec.engine.tree_windows)
 
     @property
     def cumulative_logprob(self) -> float:
@@ -81,7 +90,7 @@ class TreePath:
 
 
 class Session:
-    """Paths over one engine's model, in a cache of their own (fp kinds).
+    """Paths over one engine's model, in a cache of their own (any cache kind).
 
     engine: a forkdec.Engine (its model, tokenizer, cache kind and KV budget).
     fold_pages: segments with fewer pages are folded into their children's cascade groups.
@@ -91,12 +100,13 @@ class Session:
     """
 
     def __init__(self, engine, *, fold_pages: int = FOLD_PAGES, prefix_cache: bool = True) -> None:
-        require(not engine.kind.quantized, "kv",
-                f"{engine.kv!r}: forking paths over quantized caches is not supported yet; use an fp kind")
         require(isinstance(fold_pages, int) and fold_pages >= 0, "fold_pages", f"must be an int >= 0, got {fold_pages!r}")
         self.engine = engine
         self.page_size = engine.page_size
-        self.cache = engine.kind.make(engine.model, engine.max_pages)
+        self.cache = engine.kind.make(engine.model, engine.max_pages, max_window_slots=engine.max_window_slots)
+        # quantized kinds: budget pages per live path's window, and the rule for its pages' states
+        self.window_pages = engine.window_pages
+        self.windows = TreeWindows(self.cache, self.page_size) if engine.kind.quantized else None
         self.alloc = self.cache.allocator
         self.memory = TreeMemory(self.alloc, self.page_size, self.cache.copy_prefix)
         self.prefix = PrefixIndex(self.alloc, self.page_size) if prefix_cache else None
@@ -144,7 +154,7 @@ class Session:
 
     def pages_for(self, prompt_len: int, n: int, params: SamplingParams) -> int:
         """Pages `start` reserves for n paths of a prompt of `prompt_len` tokens."""
-        return self._start_pages(prompt_len, n, params)[3]
+        return self._start_pages(prompt_len, n, params)[3] + n * self.window_pages
 
     def forget(self, path_id: int) -> None:
         """Drop a finished path's record (a long-lived session, e.g. a server, forgets what it has read)."""
@@ -201,13 +211,15 @@ class Session:
         rem = len(ids) % ps
         cached = self.prefix.match(ids[:-1]) if self.prefix is not None else []
         self.alloc.share(cached)  # held before any eviction below
-        need = prompt_pages - len(cached) + first + (n - 1) * others
+        need = prompt_pages - len(cached) + first + (n - 1) * others + n * self.window_pages
         if not self._reserve(need):
             self.alloc.free(cached)
-            require(False, "n", f"{n} paths of a {len(ids)}-token prompt need {need} pages of KV, "
+            require(False, "n", f"{n} paths of a {len(ids)}-token prompt need {need} pages of KV"
+                                f"{' (full-precision windows included)' if self.window_pages else ''}, "
                                 f"{self.alloc.num_available} are free in the budget")
+        floor = self._quant_floor(cached)
         root = self.memory.new_root(cached + [self.alloc.alloc() for _ in range(prompt_pages - len(cached))], len(ids))
-        logits = self._prefill(ids, root, len(cached) * ps)
+        logits = self._prefill(ids, root, len(cached) * ps, floor)
         if self.prefix is not None:
             self.prefix.insert(ids, root.pages)
         leaves = [root] if n == 1 else self.memory.fork(root, n, self.alloc.alloc)
@@ -215,8 +227,10 @@ class Session:
         for i, leaf in enumerate(leaves):
             p = self._new_path(ids, leaf, params, self._generator(seeds[i]), boundary)
             p.reserved = first if i == 0 else others - (1 if rem else 0)
+            p.window, p.quant_floor, p.quant_done = self.window_pages, floor, floor
             new.append(p)
         self._sample(new, logits[None].expand(n, -1), rows_are_paths=True)
+        self._settle()
         return [p.id for p in new]
 
     def fork(self, path_id: int, k: int, params: SamplingParams | Sequence[SamplingParams] | None = None, *,
@@ -247,13 +261,15 @@ class Session:
         generated = len(parent.token_ids)
         needs = [self._pages_needed(rem, q, generated) + (1 if rem else 0) for q in plist]
         own = self._pages_needed(rem, plist[0], generated)
-        extra = sum(needs[1:]) + max(0, own - parent.reserved)
+        extra = sum(needs[1:]) + max(0, own - parent.reserved) + (k - 1) * self.window_pages
         require(self._reserve(extra), "k",
-                f"forking path {path_id} into {k} needs {extra} more pages of KV, "
+                f"forking path {path_id} into {k} needs {extra} more pages of KV"
+                f"{' (full-precision windows included)' if self.window_pages else ''}, "
                 f"{self.alloc.num_available} are free in the budget")
         self.alloc.release(max(0, parent.reserved - own))
         parent.reserved = min(parent.reserved, own)
-        leaves = self.memory.fork(parent.leaf, k, self.alloc.alloc)
+        with torch.inference_mode():  # a partial page's copy writes the cache
+            leaves = self.memory.fork(parent.leaf, k, self.alloc.alloc)
         children = []
         for i, (leaf, q) in enumerate(zip(leaves, plist)):
             c = self._new_path(parent.prompt_ids, leaf, q, self._generator(seeds[i]), parent.boundary)
@@ -262,17 +278,20 @@ class Session:
             c.logits, c.parent = parent.logits, parent.id
             c.segment_start = len(c.token_ids) - 1 if parent.state == "paused" else parent.segment_start
             c.reserved = parent.reserved if i == 0 else needs[i] - (1 if rem else 0)
+            c.window = parent.window if i == 0 else self.window_pages
+            c.quant_floor, c.quant_done = parent.quant_floor, parent.quant_done
             if tokens is not None:
                 lp = torch.log_softmax(parent.logits, dim=-1)
                 c.token_ids[-1], c.token_logprobs[-1] = tokens[i], float(lp[tokens[i]])
             c.stop = StopChecker(q, self.eos, self.engine.tokenizer)
             children.append(c)
-        parent.reserved, parent.leaf = 0, None
+        parent.reserved, parent.leaf, parent.window = 0, None, 0
         parent.state, parent.finish_reason = "finished", "forked"
         for c in children:  # a replaced pending token may end the child at once
             reason = c.stop.check(c.token_ids)
             if reason is not None:
                 self._finish(c, reason)
+        self._settle()
         return [c.id for c in children]
 
     def stop(self, path_id: int, reason: str = "stopped") -> None:
@@ -281,6 +300,7 @@ class Session:
         p = self.paths[path_id]
         require(p.live, "path", f"path {path_id} has already finished ({p.finish_reason})")
         self._finish(p, reason)
+        self._settle()
 
     def resume(self, path_id: int) -> None:
         """A paused path decodes again from the next step; its next boundary is searched from here."""
@@ -300,16 +320,19 @@ class Session:
             for p in running:
                 slots[p.id] = self.memory.slot_for_next(p.leaf, lambda p=p: self._take(p))
             t = time.perf_counter()
-            rows, levels, self.kv_tokens_read = tree_levels(self.memory.roots, lambda s: s.owner.state == "running",
-                                                            self.page_size, self.fold_pages)
+            read = self.windows.read_count if self.windows is not None else None
+            rows, levels, self.kv_tokens_read, quantized = tree_levels_split(
+                self.memory.roots, lambda s: s.owner.state == "running", self.page_size, self.fold_pages, read)
             batch = StepBatch(torch.tensor([p.token_ids[-1] for p in rows], dtype=torch.int64),
                               torch.tensor([p.leaf.end - 1 for p in rows], dtype=torch.int64),
                               torch.tensor([slots[p.id] for p in rows], dtype=torch.int64), levels)
-            attend = make_attend(batch, self.cache, prefill=False, backend=self.backend)
+            attend = self._attend(batch, False, quantized)
             self.plan_seconds += time.perf_counter() - t
             logits = self.engine.model.forward(batch.tokens, batch.positions, attend)
             self.steps += 1
-            return self._sample(rows, logits.float(), rows_are_paths=True)
+            events = self._sample(rows, logits.float(), rows_are_paths=True)
+            self._settle()
+            return events
 
     def run(self, on_step: Callable[["Session", list[StepEvent]], None] | None = None) -> None:
         """Step until no path is running; on_step(session, events) may stop, fork or resume paths."""
@@ -352,8 +375,30 @@ class Session:
         p.reserved -= 1
         return self.alloc.alloc()
 
-    def _prefill(self, ids: list[int], root: Segment, start: int) -> Tensor:
-        """Run ids[start:] (the first `start` are cached) through the model into the root's pages."""
+    def _attend(self, batch: StepBatch, prefill: bool, quantized: list[list[int]]):
+        if self.windows is None:
+            return make_attend(batch, self.cache, prefill=prefill, backend=self.backend)
+        return self.cache.make_attend(batch, prefill=prefill, backend=self.backend, read_quantized=quantized)
+
+    def _settle(self) -> None:
+        """Quantized kinds: bring pages to the states the live paths' lengths give (tree_windows)."""
+        if self.windows is not None:
+            with torch.inference_mode():
+                self.windows.settle([p for p in self.paths.values() if p.live])
+
+    def _quant_floor(self, cached: list[int]) -> int:
+        """Leading pages of a prefix-cache hit read quantized: through the last one that has left
+        the window (those before it that are still in a window get their quantized copy too)."""
+        if self.windows is None:
+            return 0
+        floor = max((i + 1 for i, g in enumerate(cached) if not self.cache.has_window(g)), default=0)
+        with torch.inference_mode():
+            self.cache.quantize(cached[:floor])
+        return floor
+
+    def _prefill(self, ids: list[int], root: Segment, start: int, floor: int = 0) -> Tensor:
+        """Run ids[start:] (the first `start` are cached, the first `floor` pages read quantized)
+        through the model into the root's pages."""
         ps, n = self.page_size, len(ids)
         pages = torch.tensor(root.pages, dtype=torch.int32)
         pos = torch.arange(start, n)
@@ -363,7 +408,7 @@ class Session:
         batch = StepBatch(torch.tensor(ids[start:], dtype=torch.int64), pos, pages.long()[pos // ps] * ps + pos % ps,
                           [level], torch.tensor([n - start - 1]))
         with torch.inference_mode():
-            attend = make_attend(batch, self.cache, prefill=True, backend=self.backend)
+            attend = self._attend(batch, True, [[floor]])
             logits = self.engine.model.forward(batch.tokens, batch.positions, attend, logits_rows=batch.logits_rows)
         self.prefill_tokens += n - start
         self.reused_tokens += start
@@ -399,8 +444,8 @@ class Session:
 
     def _finish(self, p: TreePath, reason: str) -> None:
         p.state, p.finish_reason = "finished", reason
-        self.alloc.release(p.reserved)
-        p.reserved = 0
+        self.alloc.release(p.reserved + p.window)
+        p.reserved = p.window = 0
         if p.leaf is not None:
             self.memory.release(p.leaf)
             p.leaf = None
@@ -413,3 +458,4 @@ class Session:
                 self._finish(p, "stopped")
         if self.prefix is not None and not keep_prefix_cache:
             self.prefix.clear()
+        self._settle()
