@@ -9,7 +9,9 @@ decode `node_tokens` steps together, one `llama_batch` of one token per sequence
 per step, sampled by llama.cpp's own chain (as bench/llama_cpp_peer.py).
 
 llama.cpp attends the shared cells once per sequence (each query scans the unified
-cache under its sequence mask): the cost forkdec's tree cascade removes.
+cache under its sequence mask): the cost forkdec's tree cascade removes. A step
+costs it about sequences x cells, so the last level dominates the run;
+`last_level_steps` stops that level early to bound the time.
 """
 from __future__ import annotations
 
@@ -21,10 +23,11 @@ from forkdec.validation import require
 
 def llama_cpp_tree_decode(gguf_path: str, prompt_ids: list[int], depth: int, branching: int, node_tokens: int,
                           temperature: float, seed: int = 0, threads: int = 2, *, top_p: float = 1.0,
-                          top_k: int = 0) -> dict:
+                          top_k: int = 0, last_level_steps: int | None = None) -> dict:
     """Decode a tree of `depth` levels, `branching` children per node, `node_tokens` tokens per node.
 
-    Every token is sampled (EOS does not end a node). Returns {"levels": per level {"nodes",
+    Every token is sampled (EOS does not end a node). last_level_steps: stop the last level after this many
+    steps (None: node_tokens), to bound the run (the steps grow with the cells; see the module). Returns {"levels": per level {"nodes",
     "copy_seconds", "step_seconds": one per decode step}, "prompt_seconds", "decode_seconds" (copies
     and steps of all levels), "generated_tokens", "unique_tokens" (prompt + all nodes' tokens),
     "leaf_tokens": each leaf's generated chain (root to leaf), "version", "settings"}.
@@ -36,6 +39,8 @@ def llama_cpp_tree_decode(gguf_path: str, prompt_ids: list[int], depth: int, bra
     leaves = branching ** depth
     require(leaves <= LLAMA_MAX_SEQ, "depth", f"branching**depth = {leaves} leaves exceed llama.cpp's "
             f"{LLAMA_MAX_SEQ} sequences (LLAMA_MAX_SEQ)")
+    require(last_level_steps is None or (isinstance(last_level_steps, int) and 1 <= last_level_steps <= node_tokens),
+            "last_level_steps", f"must be None or an int in [1, node_tokens], got {last_level_steps!r}")
     p = len(prompt_ids)
     nodes = sum(branching ** level for level in range(1, depth + 1))
     n_batch = max(p, leaves)
@@ -66,7 +71,7 @@ def llama_cpp_tree_decode(gguf_path: str, prompt_ids: list[int], depth: int, bra
             copy_seconds = time.perf_counter() - t0
             steps = []
             pos = p + level * node_tokens
-            for t in range(node_tokens):
+            for t in range(node_tokens if level < depth - 1 or last_level_steps is None else last_level_steps):
                 t0 = time.perf_counter()
                 for i, s in enumerate(live):
                     tok = llama.llama_sampler_sample(chain, ctx, row[s])
@@ -79,7 +84,8 @@ def llama_cpp_tree_decode(gguf_path: str, prompt_ids: list[int], depth: int, bra
             levels.append({"nodes": len(live), "copy_seconds": copy_seconds, "step_seconds": steps})
     return {"levels": levels, "prompt_seconds": prompt_seconds,
             "decode_seconds": sum(v["copy_seconds"] + sum(v["step_seconds"]) for v in levels),
-            "generated_tokens": nodes * node_tokens, "unique_tokens": p + nodes * node_tokens,
+            "generated_tokens": sum(v["nodes"] * len(v["step_seconds"]) for v in levels),
+            "unique_tokens": p + sum(v["nodes"] * len(v["step_seconds"]) for v in levels),
             "leaf_tokens": [chains[s] for s in live], "version": lc.version,
             "settings": f"{threads} threads, unified KV, n_ctx {p + nodes * node_tokens + 16}, n_seq_max {leaves}, "
                         f"n_batch = n_ubatch = {n_batch}, sampler chain top-k {top_k}, top-p {top_p}, "
