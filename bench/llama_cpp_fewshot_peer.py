@@ -35,8 +35,8 @@ def llama_cpp_fewshot(gguf_path: str, prefix_ids: list[int], question_ids: list[
     groups = [list(range(i, min(i + per_group, len(question_ids)))) for i in range(0, len(question_ids), per_group)]
     p = len(prefix_ids)
     group_tokens = max(sum(len(question_ids[q]) for q in g) for g in groups)
-    n_batch = max(p, group_tokens, per_group * n)
     n_seq = 1 + min(per_group, len(question_ids)) * n
+    n_batch = max(p, group_tokens, n_seq)  # llama.cpp asserts n_seq_max <= n_batch (its output buffer)
     n_ctx = p + group_tokens + min(per_group, len(question_ids)) * n * max_new_tokens + 16
     tokens: list[list[list[int]]] = [[[] for _ in range(n)] for _ in question_ids]
     with llama_context(gguf_path, n_ctx, n_batch, n_seq, threads) as lc:
