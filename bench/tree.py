@@ -282,6 +282,11 @@ def tree_throughput(levels: list[dict], last_level_steps: int | None = None) -> 
     return tokens, seconds
 
 
+def tokens_per_second(levels: list[dict], last_level_steps: int | None = None) -> float:
+    tokens, seconds = tree_throughput(levels, last_level_steps)
+    return tokens / seconds
+
+
 def _cut_levels(levels: list[dict], cut: int | None) -> list[dict]:
     """The levels with the last one's steps cut to the first `cut` (None: all)."""
     return levels[:-1] + [dict(levels[-1], step_seconds=levels[-1]["step_seconds"][:cut])]
@@ -345,8 +350,7 @@ def decode_section(r: dict, llama: dict | None, llama_note: str, prompt_len: int
               f"Tree cascade step time at the full tree / two-level: "
               f"{statistics.median(tree['step_times']) / statistics.median(two['step_times']):.2f}."]
     if llama:
-        lt, ls = tree_throughput(llama["levels"])
-        ratios = {k: (lambda t, sec: t / sec)(*tree_throughput(v["levels"], cut)) / (lt / ls) for k, v in r.items()}
+        ratios = {k: tokens_per_second(v["levels"], cut) / tokens_per_second(llama["levels"]) for k, v in r.items()}
         lines.append(f"forkdec tree cascade tokens/s / llama.cpp's, over the same steps: {ratios['tree cascade']:.2f}x "
                      "(issue 16 moonshot: >= 4x at depth 4, branching 4, 2,000-token prompt, 64 tokens per node); "
                      f"two-level / llama.cpp: {ratios['two-level']:.2f}x.")
@@ -507,11 +511,11 @@ def run(argv: list[str] | None = None) -> int:
         cut = len(llama["levels"][-1]["step_seconds"]) if llama else None
         decode_curves = {"forkdec tree": {"levels": _cut_levels(r["tree cascade"]["levels"], cut)},
                          "forkdec two-level": {"levels": _cut_levels(r["two-level"]["levels"], cut)}}
-        throughput["tree decode"] = {f"forkdec {'tree' if k == 'tree cascade' else k}":
-                                     (lambda t, sec: t / sec)(*tree_throughput(v["levels"], cut)) for k, v in r.items()}
+        throughput["tree decode"] = {f"forkdec {'tree' if k == 'tree cascade' else k}": tokens_per_second(v["levels"], cut)
+                                     for k, v in r.items()}
         if llama:
             decode_curves["llama.cpp"] = llama
-            throughput["tree decode"]["llama.cpp"] = (lambda t, sec: t / sec)(*tree_throughput(llama["levels"]))
+            throughput["tree decode"]["llama.cpp"] = tokens_per_second(llama["levels"])
         body.append(decode_section(r, llama, tree_note, len(long_ids), depth, node))
         save()
     if "beam-memory" in sections:
