@@ -354,6 +354,7 @@ def decode_section(r: dict, llama: dict | None, llama_note: str, prompt_len: int
         lines.append(f"forkdec tree cascade tokens/s / llama.cpp's, over the same steps: {ratios['tree cascade']:.2f}x "
                      "(issue 16 moonshot: >= 4x at depth 4, branching 4, 2,000-token prompt, 64 tokens per node); "
                      f"two-level / llama.cpp: {ratios['two-level']:.2f}x.")
+        lines += ["", f"llama.cpp settings: {llama['settings']}."]
     return "\n".join(lines)
 
 
@@ -379,6 +380,8 @@ def fewshot_section(r: dict, llama: dict | None, llama_note: str, prefix_len: in
     if llama and "prefix cache" in r:
         lines += ["", f"Total time, llama.cpp / forkdec with the prefix cache: "
                       f"{llama['seconds'] / r['prefix cache']['seconds']:.2f}x."]
+    if llama:
+        lines += ["", f"llama.cpp settings: {llama['settings']}."]
     return "\n".join(lines)
 
 
@@ -507,7 +510,7 @@ def run(argv: list[str] | None = None) -> int:
                               last_level_steps=None if quick or cut <= 0 or cut >= node else cut)
             llama.pop("leaf_tokens")
             results["decode_llama_cpp"] = llama
-            results["llama_version"] = f"{llama['version']} ({llama['settings']})"
+            results["llama_version"] = llama["version"]
         cut = len(llama["levels"][-1]["step_seconds"]) if llama else None
         decode_curves = {"forkdec tree": {"levels": _cut_levels(r["tree cascade"]["levels"], cut)},
                          "forkdec two-level": {"levels": _cut_levels(r["two-level"]["levels"], cut)}}
@@ -542,7 +545,7 @@ def run(argv: list[str] | None = None) -> int:
             llama = peer.fewshot(prefix_ids, question_ids, n, new)
             llama.pop("tokens")
             results["fewshot_llama_cpp"] = llama
-            results["llama_version"] = f"{llama['version']} ({llama['settings']})"
+            results["llama_version"] = llama["version"]
         throughput["few-shot"] = {f"forkdec ({k})":
                                   v["generated_tokens"] / v["seconds"] for k, v in r.items() if isinstance(v, dict)}
         if llama:

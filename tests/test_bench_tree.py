@@ -41,13 +41,13 @@ def _forkdec_decode(step_s):
 def test_decode_section_compares_forkdec_and_llama_cpp_over_the_same_steps():
     r = {"tree cascade": _forkdec_decode(0.1), "two-level": _forkdec_decode(0.2)}
     # llama.cpp ran only 2 of the last level's 4 steps, each 4x forkdec's tree step
-    llama = {"levels": _levels([4, 16], [4, 2], 0.4), "unique_tokens": 364}
+    llama = {"levels": _levels([4, 16], [4, 2], 0.4), "unique_tokens": 364, "settings": "2 threads, n_seq_max 16"}
     for lv in r["tree cascade"]["levels"] + r["two-level"]["levels"] + llama["levels"]:
         lv["copy_seconds"] = 0.0
     text = tree.decode_section(r, llama, "", 300, 2, 4)
     assert "first 2 of the last level's 4 steps" in text
     assert "llama.cpp's, over the same steps: 4.00x" in text and "two-level / llama.cpp: 2.00x" in text
-    assert "| 2 | 16 | 100 | 200 | 400 | 2 | 4.0 |" in text
+    assert "| 2 | 16 | 100 | 200 | 400 | 2 | 4.0 |" in text and "llama.cpp settings: 2 threads, n_seq_max 16." in text
     missing = tree.decode_section(r, None, "not run: no interpreter at /x", 300, 2, 4)
     assert "not run: no interpreter at /x" in missing and "over the same steps" not in missing
 
@@ -57,7 +57,7 @@ def test_fewshot_section_rows_and_ratio():
          "generated_tokens": 64, "questions": 4}
     cold = dict(v, questions=2, prompt_tokens_prefilled=4000, prompt_tokens_reused=0)
     r = {"questions": 4, "n": 2, "max_new_tokens": 8, "prefix cache": v, "no prefix cache": cold}
-    llama = dict(v, seconds=25.0, groups=[4])
+    llama = dict(v, seconds=25.0, groups=[4], settings="groups of 4")
     text = tree.fewshot_section(r, llama, "", 2000)
     assert "| forkdec, prefix cache | 2100 | 900 | 4.0 | 10.0 | 64 | 6.4 |" in text
     assert "no prefix cache (first 2 questions only)" in text and "groups of 4" in text
