@@ -11,6 +11,10 @@ low-level binding of the C API (`llama_cpp.llama_*`):
    sequence; a sequence ends at an end-of-generation token (unless
    `ignore_eos`) or after `max_new_tokens` tokens.
 
+`llama_context`, `put` and `decode` are shared with the tree and few-shot peers
+(bench/llama_cpp_tree_peer.py, bench/llama_cpp_fewshot_peer.py); a peer runs in
+its own process (bench/llama_cpp_process.py, or bench/engine.py's runner).
+
 llama-cpp-python is optional and not part of forkdec's dependencies:
 `CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python` (a ~7 minute
 build from source here). Without it, `llama_cpp_generate` raises ImportError
