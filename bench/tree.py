@@ -122,46 +122,51 @@ def bench_metadata(reps: int) -> str:
 
 
 def bench_tree_decode(engine, prompt_ids: list[int], depth: int, node: int, steps: int, seed: int = 1) -> dict:
-    """The tree (depth levels, branching 4, `node` tokens per node) decoded by forkdec twice: as a tree
-    cascade, and as a two-level cascade (only the prompt shared, each leaf reading its ancestors' tokens
-    as its own). Per level: every step's time; then `steps` more steps at the full tree, timed, with the
-    K/V tokens the plan reads. Temperature 1, EOS ignored, seeds seed..seed+3 for the first level."""
+    """The tree (depth levels, branching 4, `node` tokens per node) decoded by forkdec on one session, its
+    steps alternating between two layouts of the same memory: the tree cascade (every segment its own
+    level, fold_pages 0) and a two-level cascade (only the prompt shared: every segment shorter than the
+    prompt folded into the leaves, which then read their ancestors' tokens as their own). Alternating
+    step by step measures both on the same tree under the same load, for one build's time.
+    Per layout and level: its steps' times and indices in the level; then `steps` more steps per layout at
+    the full tree, timed, with the K/V tokens the plan reads. Temperature 1, EOS ignored, seeds
+    seed..seed+3 for the first level."""
     from forkdec.engine.params import SamplingParams
     from forkdec.engine.session import Session
 
-    out = {}
-    for name, two_level in (("tree cascade", False), ("two-level", True)):
-        s = Session(engine, fold_pages=0)  # every segment its own level: K/V read = the tree's unique tokens
-        params = SamplingParams(temperature=1.0, max_new_tokens=depth * node + steps + 4, ignore_eos=True)
-        live = s.start(prompt_ids, 4, params, seeds=[seed + i for i in range(4)])
-        if two_level:  # segments with fewer pages than the prompt fold into the leaves: every generated one
-            s.fold_pages = len(s.memory.roots[0].pages)
-        levels = []
-        for level in range(depth):
-            t0 = time.perf_counter()
-            if level:
-                live = [c for p in live for c in s.fork(p, 4)]
-            fork_seconds = time.perf_counter() - t0
-            times = []
-            for _ in range(node):
-                t0 = time.perf_counter()
-                s.step()
-                times.append(time.perf_counter() - t0)
-            levels.append({"nodes": len(live), "copy_seconds": fork_seconds, "step_seconds": times})
-        times, reads = [], []
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            s.step()
-            times.append(time.perf_counter() - t0)
-            reads.append(s.kv_tokens_read)
-        unique = sum(g.tokens for g in s.memory.segments())
-        contexts = sum(s.path(p).leaf.end for p in live)
-        out[name] = {"leaves": len(live), "levels": levels, "step_times": times, "kv_tokens_read": reads[-1],
-                     "unique_tokens": unique, "sum_leaf_contexts": contexts,
-                     "decode_seconds": sum(v["copy_seconds"] + sum(v["step_seconds"]) for v in levels),
-                     "generated_tokens": sum(v["nodes"] for v in levels) * node,
-                     "pages_held": s.alloc.num_used, "plan_seconds_per_step": s.plan_seconds / s.steps}
-        s.close()
+    s = Session(engine, fold_pages=0)
+    params = SamplingParams(temperature=1.0, max_new_tokens=depth * node + 2 * steps + 4, ignore_eos=True)
+    live = s.start(prompt_ids, 4, params, seeds=[seed + i for i in range(4)])
+    fold = {"tree cascade": 0, "two-level": len(s.memory.roots[0].pages)}
+    names = list(fold)
+    out = {name: {"levels": [], "step_times": []} for name in names}
+
+    def step(name: str) -> float:
+        s.fold_pages = fold[name]
+        t0 = time.perf_counter()
+        s.step()
+        return time.perf_counter() - t0
+
+    for level in range(depth):
+        t0 = time.perf_counter()
+        if level:
+            live = [c for p in live for c in s.fork(p, 4)]
+        fork_seconds = time.perf_counter() - t0
+        for name in names:
+            out[name]["levels"].append({"nodes": len(live), "copy_seconds": fork_seconds, "step_seconds": [],
+                                        "step_index": []})
+        for t in range(node):
+            lv = out[names[t % 2]]["levels"][-1]
+            lv["step_seconds"].append(step(names[t % 2]))
+            lv["step_index"].append(t)
+    for _ in range(steps):
+        for name in names:
+            out[name]["step_times"].append(step(name))
+            # what this step read, against what the tree held then (the step's own tokens included)
+            out[name].update(kv_tokens_read=s.kv_tokens_read, unique_tokens=sum(g.tokens for g in s.memory.segments()),
+                             sum_leaf_contexts=sum(s.path(p).leaf.end for p in live))
+    for v in out.values():
+        v.update(leaves=len(live), pages_held=s.alloc.num_used, plan_seconds_per_step=s.plan_seconds / s.steps)
+    s.close()
     return out
 
 
@@ -272,14 +277,20 @@ def _median_ms(xs: list[float]) -> str:
 
 
 def tree_throughput(levels: list[dict], last_level_steps: int | None = None) -> tuple[int, float]:
-    """(generated tokens, seconds) over all levels' forks and steps, the last level cut to its first
-    `last_level_steps` steps (None: all): one token per node per step."""
+    """(generated tokens, seconds) over all levels' forks and steps, the last level cut to the steps whose
+    index in the level is below `last_level_steps` (None: all; a level without "step_index" holds steps
+    0, 1, ...): one token per node per step."""
     tokens = seconds = 0
     for i, lv in enumerate(levels):
-        steps = lv["step_seconds"][:last_level_steps] if i == len(levels) - 1 else lv["step_seconds"]
+        steps = _steps(lv, last_level_steps if i == len(levels) - 1 else None)
         tokens += lv["nodes"] * len(steps)
         seconds += lv["copy_seconds"] + sum(steps)
     return tokens, seconds
+
+
+def _steps(level: dict, below: int | None) -> list[float]:
+    index = level.get("step_index", range(len(level["step_seconds"])))
+    return [t for i, t in zip(index, level["step_seconds"]) if below is None or i < below]
 
 
 def tokens_per_second(levels: list[dict], last_level_steps: int | None = None) -> float:
@@ -288,8 +299,8 @@ def tokens_per_second(levels: list[dict], last_level_steps: int | None = None) -
 
 
 def _cut_levels(levels: list[dict], cut: int | None) -> list[dict]:
-    """The levels with the last one's steps cut to the first `cut` (None: all)."""
-    return levels[:-1] + [dict(levels[-1], step_seconds=levels[-1]["step_seconds"][:cut])]
+    """The levels with the last one's steps cut to those of index below `cut` (None: all)."""
+    return levels[:-1] + [dict(levels[-1], step_seconds=_steps(levels[-1], cut))]
 
 
 def decode_section(r: dict, llama: dict | None, llama_note: str, prompt_len: int, depth: int, node: int) -> str:
@@ -313,30 +324,31 @@ def decode_section(r: dict, llama: dict | None, llama_note: str, prompt_len: int
     levels = []
     for i, lv in enumerate(tree["levels"]):
         n_steps = cut if (llama and i == len(tree["levels"]) - 1) else None
-        cells = [str(i + 1), str(lv["nodes"]), _median_ms(lv["step_seconds"][:n_steps]),
-                 _median_ms(two["levels"][i]["step_seconds"][:n_steps])]
+        cells = [str(i + 1), str(lv["nodes"]), _median_ms(_steps(lv, n_steps)),
+                 _median_ms(_steps(two["levels"][i], n_steps))]
         if llama:
             ll = llama["levels"][i]["step_seconds"]
             cells += [_median_ms(ll), str(len(ll)),
-                      f"{statistics.median(ll) / statistics.median(lv['step_seconds'][:n_steps]):.1f}"]
+                      f"{statistics.median(ll) / statistics.median(_steps(lv, n_steps)):.1f}"]
         else:
             cells += ["not run", "-", "-"]
         levels.append(cells)
     lines = [f"## 3. Tree decode: depth {depth}, branching 4, {prompt_len}-token prompt, {node} tokens per node",
              "",
              "Each engine decodes level by level (4, 16, ... nodes; each node's tokens sampled at temperature 1, "
-             "EOS ignored) after one prefill of the prompt, not timed. forkdec's tree cascade keeps every segment its "
-             "own level (fold_pages 0); its two-level layout shares only the prompt. "
-             "tokens/s = generated tokens / (forks + steps). "
-             "forkdec then takes 3 more steps at the full tree ('step time at the full tree', with the K/V tokens "
-             "its plan reads). llama.cpp attends under a sequence mask over its unified cells, so each leaf reads "
+             "EOS ignored) after one prefill of the prompt, not timed. forkdec decodes the tree once, its steps "
+             "alternating between two layouts of the same memory (same tree, same machine load): the tree cascade "
+             "(every segment its own level, fold_pages 0) and a two-level cascade (only the prompt shared, every "
+             "leaf reading its ancestors' tokens as its own); each layout's tokens/s = the tokens its steps made / "
+             "(forks + its steps). Then 3 more steps per layout at the full tree ('step time at the full tree', "
+             "with the K/V tokens its plan reads). llama.cpp attends under a sequence mask over its unified cells, so each leaf reads "
              "its whole context every step.",
              ""]
     if llama and cut < node:
         lines += [f"llama.cpp runs the first {cut} of the last level's {node} steps (its steps grow with its cells; "
                   "the whole level would take it far longer than the rest of this benchmark): its tokens/s is over "
-                  f"what it ran, and the ratios below compare forkdec over the same steps (levels 1-{depth - 1} "
-                  f"and the first {cut} steps of level {depth}). Stopping early favours llama.cpp: its later steps "
+                  f"what it ran, and the ratios below compare forkdec over the same part of the tree (levels 1-{depth - 1} "
+                  f"and steps 0-{cut - 1} of level {depth}, each layout's share of them). Stopping early favours llama.cpp: its later steps "
                   "are its slowest.", ""]
     lines += [markdown_table(["layout", "leaves", "K/V tokens read / step", "unique tokens", "sum of leaf contexts",
                               "step time at the full tree", "tokens", "decode s", "tokens/s", "metadata + plan / step"],
@@ -410,8 +422,9 @@ def check_args(args: argparse.Namespace) -> set[str]:
 
 
 def run(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="forkdec bench tree", description="Defaults are issue 16's sizes (a long run: "
-                                 "see bench/results/tree.md for its time); --quick for a smoke run.")
+    ap = argparse.ArgumentParser(prog="forkdec bench tree", description="Defaults are issue 16's sizes: a long run "
+                                 "(about 13 minutes on 2 quiet cores, estimated; the report states each run's "
+                                 "time); --quick for a smoke run.")
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true", help="small sizes (a smoke run); overrides the sizes below")
     ap.add_argument("--prompt-tokens", type=int, default=2000, help="tree decode: the shared prompt's length")
@@ -448,13 +461,16 @@ def run(argv: list[str] | None = None) -> int:
     throughput: dict[str, dict[str, float]] = {}
     decode_curves: dict[str, dict] = {}
 
+    start = time.perf_counter()
+
     def save() -> None:  # after every section, so a slow later section loses nothing
         loads.append(open("/proc/loadavg").read().split()[0])
         out = results_dir(args.out)
         (out / "tree.json").write_text(json.dumps(results, indent=2, default=str))
         facts = {"load": "shared machine, other agents building and testing at the same time "
                          f"(1-min load averages after each section: {', '.join(loads)})",
-                 "command": "forkdec bench tree " + " ".join(argv if argv is not None else sys.argv[1:])}
+                 "command": "forkdec bench tree " + " ".join(argv if argv is not None else sys.argv[1:]),
+                 "wall time": f"{time.perf_counter() - start:.0f} s (sections run so far)"}
         if peer is not None:
             facts["llama.cpp"] = (peer.not_run or f"{results.get('llama_version', 'llama-cpp-python')}, same GGUF, "
                                   f"own process ({peer.python}, OMP_WAIT_POLICY removed), {threads} threads "

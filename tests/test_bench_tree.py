@@ -31,6 +31,9 @@ def test_tree_throughput_counts_one_token_per_node_per_step_and_cuts_the_last_le
     assert tree.tree_throughput(levels, 1) == (4 * 3 + 16, 2 * 0.25 + 4 * 0.5)
     cut = tree._cut_levels(levels, 1)
     assert [len(v["step_seconds"]) for v in cut] == [3, 1] and len(levels[1]["step_seconds"]) == 3
+    # alternating layouts: each holds every other step of a level, cut by the step's index in the level
+    odd = [{"nodes": 4, "copy_seconds": 0.0, "step_seconds": [1.0, 2.0, 3.0], "step_index": [1, 3, 5]}]
+    assert tree.tree_throughput(odd, 4) == (8, 3.0) and tree._cut_levels(odd, 4)[0]["step_seconds"] == [1.0, 2.0]
 
 
 def _forkdec_decode(step_s):
@@ -45,7 +48,7 @@ def test_decode_section_compares_forkdec_and_llama_cpp_over_the_same_steps():
     for lv in r["tree cascade"]["levels"] + r["two-level"]["levels"] + llama["levels"]:
         lv["copy_seconds"] = 0.0
     text = tree.decode_section(r, llama, "", 300, 2, 4)
-    assert "first 2 of the last level's 4 steps" in text
+    assert "first 2 of the last level's 4 steps" in text and "steps 0-1 of level 2" in text
     assert "llama.cpp's, over the same steps: 4.00x" in text and "two-level / llama.cpp: 2.00x" in text
     assert "| 2 | 16 | 100 | 200 | 400 | 2 | 4.0 |" in text and "llama.cpp settings: 2 threads, n_seq_max 16." in text
     missing = tree.decode_section(r, None, "not run: no interpreter at /x", 300, 2, 4)
