@@ -26,6 +26,9 @@ def llama_cpp_fewshot(gguf_path: str, prefix_ids: list[int], question_ids: list[
     "decode_seconds", "seconds" (all of it), "generated_tokens", "groups": questions per group,
     "tokens": per question n lists of ids, "version", "settings"}. ValueError names a bad argument.
     """
+    require(isinstance(prefix_ids, (list, tuple)) and len(prefix_ids) > 0
+            and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prefix_ids), "prefix_ids",
+            "must be a non-empty list of non-negative ints")
     check_arguments(gguf_path, prefix_ids, n, max_new_tokens, temperature, seed, threads, top_p, top_k)
     require(isinstance(question_ids, (list, tuple)) and len(question_ids) > 0
             and all(isinstance(q, (list, tuple)) and len(q) > 0 for q in question_ids), "question_ids",

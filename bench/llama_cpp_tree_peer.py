@@ -33,9 +33,10 @@ def llama_cpp_tree_decode(gguf_path: str, prompt_ids: list[int], depth: int, bra
     "leaf_tokens": each leaf's generated chain (root to leaf), "version", "settings"}.
     ValueError names a bad argument (a tree of more than LLAMA_MAX_SEQ leaves included).
     """
+    for name, value in (("depth", depth), ("branching", branching), ("node_tokens", node_tokens)):
+        require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name,
+                f"must be an int >= 1, got {value!r}")
     check_arguments(gguf_path, prompt_ids, branching, node_tokens, temperature, seed, threads, top_p, top_k)
-    require(isinstance(depth, int) and not isinstance(depth, bool) and depth >= 1, "depth",
-            f"must be an int >= 1, got {depth!r}")
     leaves = branching ** depth
     require(leaves <= LLAMA_MAX_SEQ, "depth", f"branching**depth = {leaves} leaves exceed llama.cpp's "
             f"{LLAMA_MAX_SEQ} sequences (LLAMA_MAX_SEQ)")

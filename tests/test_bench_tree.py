@@ -115,7 +115,8 @@ def gguf(tmp_path):
 
 
 @pytest.mark.parametrize("change,name", [
-    (dict(depth=0), "depth"), (dict(depth=5), "depth"), (dict(branching=0), "n"), (dict(node_tokens=0), "max_new_tokens"),
+    (dict(depth=0), "depth"), (dict(depth=5), "depth"), (dict(branching=0), "branching"),
+    (dict(branching=2.0), "branching"), (dict(node_tokens=0), "node_tokens"), (dict(depth=True), "depth"),
     (dict(last_level_steps=0), "last_level_steps"), (dict(last_level_steps=5), "last_level_steps"),
     (dict(prompt_ids=[]), "prompt_ids"), (dict(temperature=-1.0), "temperature"),
 ])
@@ -128,7 +129,7 @@ def test_tree_peer_checks_arguments_before_loading_llama_cpp(gguf, change, name)
 
 @pytest.mark.parametrize("change,name", [
     (dict(question_ids=[]), "question_ids"), (dict(question_ids=[[1], []]), "question_ids"), (dict(n=256), "n"),
-    (dict(prefix_ids=[]), "prompt_ids"), (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(prefix_ids=[]), "prefix_ids"), (dict(prefix_ids=[1, -1]), "prefix_ids"), (dict(max_new_tokens=0), "max_new_tokens"),
 ])
 def test_fewshot_peer_checks_arguments_before_loading_llama_cpp(gguf, change, name):
     args = dict(gguf_path=gguf, prefix_ids=[1, 2], question_ids=[[3], [4, 5]], n=8, max_new_tokens=4, temperature=0.7)
