@@ -11,6 +11,10 @@ low-level binding of the C API (`llama_cpp.llama_*`):
    sequence; a sequence ends at an end-of-generation token (unless
    `ignore_eos`) or after `max_new_tokens` tokens.
 
+`llama_context`, `put` and `decode` are shared with the tree and few-shot peers
+(bench/llama_cpp_tree_peer.py, bench/llama_cpp_fewshot_peer.py); a peer runs in
+its own process (bench/llama_cpp_process.py, or bench/engine.py's runner).
+
 llama-cpp-python is optional and not part of forkdec's dependencies:
 `CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python` (a ~7 minute
 build from source here). Without it, `llama_cpp_generate` raises ImportError
@@ -18,9 +22,11 @@ with `SKIP_REASON` after checking its arguments.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import time
+from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
@@ -47,42 +53,21 @@ def llama_cpp_generate(gguf_path: str, prompt_ids: list[int], n: int, max_new_to
     raises ImportError(SKIP_REASON).
     """
     check_arguments(gguf_path, prompt_ids, n, max_new_tokens, temperature, seed, threads, top_p, top_k)
-    llama = _import_llama_cpp()
-    _silence_logs(llama)
-    llama.llama_backend_init()
-    model = ctx = batch = chain = None
-    try:
-        model = llama.llama_model_load_from_file(os.fsencode(gguf_path), llama.llama_model_default_params())
-        if not model:
-            raise ValueError(f"gguf_path: llama.cpp could not load {gguf_path!r}")
-        vocab = llama.llama_model_get_vocab(model)
-        n_vocab = llama.llama_vocab_n_tokens(vocab)
-        bad = [t for t in prompt_ids if t >= n_vocab]
-        if bad:
-            raise ValueError(f"prompt_ids: {bad[0]} is outside the model's vocabulary of {n_vocab}")
-        p = len(prompt_ids)
-        params = llama.llama_context_default_params()
-        # One unified cache holds the shared prompt once plus every path's own tokens;
-        # a batch must fit the whole prompt (llama.cpp aborts otherwise) and n tokens.
-        params.n_ctx = p + n * max_new_tokens + 16
-        params.n_batch = params.n_ubatch = max(p, n)
-        params.n_seq_max = n
-        params.kv_unified = True
-        params.n_threads = params.n_threads_batch = threads
-        ctx = llama.llama_init_from_model(model, params)
-        if not ctx:
-            raise RuntimeError(f"llama.cpp could not create a context (n_ctx {params.n_ctx}, n_seq_max {n})")
-        chain = _sampler_chain(llama, temperature, top_p, top_k, seed)
-        batch = llama.llama_batch_init(max(p, n), 0, n)
+    p = len(prompt_ids)
+    # One unified cache holds the shared prompt once plus every path's own tokens;
+    # a batch must fit the whole prompt (llama.cpp aborts otherwise) and n tokens.
+    with llama_context(gguf_path, p + n * max_new_tokens + 16, max(p, n), n, threads) as lc:
+        llama, ctx, batch = lc.llama, lc.ctx, lc.batch
+        lc.check_vocab(prompt_ids, "prompt_ids")
+        chain = lc.sampler(temperature, top_p, top_k, seed)
 
         t0 = time.perf_counter()
         for i, tok in enumerate(prompt_ids):
-            _put(batch, i, tok, i, 0, logits=i == p - 1)
+            put(batch, i, tok, i, 0, logits=i == p - 1)
         batch.n_tokens = p
-        _decode(llama, ctx, batch)
-        memory = llama.llama_get_memory(ctx)
+        decode(llama, ctx, batch)
         for s in range(1, n):
-            llama.llama_memory_seq_cp(memory, 0, s, -1, -1)
+            llama.llama_memory_seq_cp(lc.memory, 0, s, -1, -1)
         t1 = time.perf_counter()
 
         tokens: list[list[int]] = [[] for _ in range(n)]
@@ -95,28 +80,19 @@ def llama_cpp_generate(gguf_path: str, prompt_ids: list[int], n: int, max_new_to
                     continue
                 tok = llama.llama_sampler_sample(chain, ctx, row[s])
                 tokens[s].append(tok)
-                if (not ignore_eos and llama.llama_vocab_is_eog(vocab, tok)) or len(tokens[s]) == max_new_tokens:
+                if (not ignore_eos and llama.llama_vocab_is_eog(lc.vocab, tok)) or len(tokens[s]) == max_new_tokens:
                     row[s] = -1
                     continue
                 row[s] = batch.n_tokens
-                _put(batch, batch.n_tokens, tok, pos, s, logits=True)
+                put(batch, batch.n_tokens, tok, pos, s, logits=True)
                 batch.n_tokens += 1
             if batch.n_tokens == 0:
                 break
-            _decode(llama, ctx, batch)
+            decode(llama, ctx, batch)
             pos += 1
         t2 = time.perf_counter()
-    finally:
-        if batch is not None:
-            llama.llama_batch_free(batch)
-        if chain is not None:
-            llama.llama_sampler_free(chain)
-        if ctx is not None:
-            llama.llama_free(ctx)
-        if model is not None:
-            llama.llama_model_free(model)
     return {"tokens": tokens, "generated_tokens": sum(len(t) for t in tokens), "decode_seconds": t2 - t1,
-            "prompt_seconds": t1 - t0, "version": f"llama-cpp-python {getattr(llama, '__version__', '?')}",
+            "prompt_seconds": t1 - t0, "version": lc.version,
             "settings": f"{threads} threads, unified KV, n_batch = n_ubatch = {max(p, n)}, sampler chain "
                         f"top-k {top_k}, top-p {top_p}, temperature {temperature}, dist(seed {seed})"}
 
@@ -143,6 +119,70 @@ def check_arguments(gguf_path: str, prompt_ids: list[int], n: int, max_new_token
     require(whole(threads) and threads >= 1, "threads", f"must be an int >= 1, got {threads!r}")
     require(real(top_p) and 0 < top_p <= 1, "top_p", f"must be in (0, 1], got {top_p!r}")
     require(whole(top_k) and top_k >= 0, "top_k", f"must be an int >= 0, got {top_k!r}")
+
+
+LLAMA_MAX_SEQ = 256  # llama.cpp's compile-time limit on sequence ids (src/llama-cparams.h in 0.3.36's vendor tree)
+
+
+class LlamaContext:
+    """A loaded model, a context with a unified KV cache, one `llama_batch`, and the sampler chains made on it."""
+
+    def __init__(self, llama: ModuleType, model: Any, ctx: Any, batch: Any, n_batch: int) -> None:
+        self.llama, self.model, self.ctx, self.batch, self.n_batch = llama, model, ctx, batch, n_batch
+        self.vocab = llama.llama_model_get_vocab(model)
+        self.memory = llama.llama_get_memory(ctx)
+        self.version = f"llama-cpp-python {getattr(llama, '__version__', '?')}"
+        self.chains: list[Any] = []
+
+    def check_vocab(self, ids: list[int], arg: str) -> None:
+        n_vocab = self.llama.llama_vocab_n_tokens(self.vocab)
+        bad = [t for t in ids if t >= n_vocab]
+        if bad:
+            raise ValueError(f"{arg}: {bad[0]} is outside the model's vocabulary of {n_vocab}")
+
+    def sampler(self, temperature: float, top_p: float, top_k: int, seed: int) -> Any:
+        chain = _sampler_chain(self.llama, temperature, top_p, top_k, seed)
+        self.chains.append(chain)
+        return chain
+
+
+@contextlib.contextmanager
+def llama_context(gguf_path: str, n_ctx: int, n_batch: int, n_seq_max: int, threads: int) -> Iterator[LlamaContext]:
+    """llama.cpp set up for shared prefixes: unified KV cache of n_ctx cells (one set of cells, several
+    sequence ids per cell), n_batch = n_ubatch (a prompt longer than n_ubatch aborts llama.cpp), n_seq_max
+    sequences, `threads` for both decode and batch. Everything is freed on exit.
+    Raises ImportError(SKIP_REASON) without llama-cpp-python, ValueError for a file it cannot load."""
+    llama = _import_llama_cpp()
+    _silence_logs(llama)
+    llama.llama_backend_init()
+    model = ctx = batch = None
+    lc = None
+    try:
+        model = llama.llama_model_load_from_file(os.fsencode(gguf_path), llama.llama_model_default_params())
+        if not model:
+            raise ValueError(f"gguf_path: llama.cpp could not load {gguf_path!r}")
+        params = llama.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = params.n_ubatch = n_batch
+        params.n_seq_max = n_seq_max
+        params.kv_unified = True
+        params.n_threads = params.n_threads_batch = threads
+        ctx = llama.llama_init_from_model(model, params)
+        if not ctx:
+            raise RuntimeError(f"llama.cpp could not create a context (n_ctx {n_ctx}, n_seq_max {n_seq_max})")
+        batch = llama.llama_batch_init(n_batch, 0, n_seq_max)
+        lc = LlamaContext(llama, model, ctx, batch, n_batch)
+        yield lc
+    finally:
+        if lc is not None:
+            for chain in lc.chains:
+                llama.llama_sampler_free(chain)
+        if batch is not None:
+            llama.llama_batch_free(batch)
+        if ctx is not None:
+            llama.llama_free(ctx)
+        if model is not None:
+            llama.llama_model_free(model)
 
 
 def _import_llama_cpp() -> ModuleType:
@@ -175,7 +215,7 @@ def _sampler_chain(llama: ModuleType, temperature: float, top_p: float, top_k: i
     return chain
 
 
-def _put(batch: Any, i: int, token: int, pos: int, seq: int, logits: bool) -> None:
+def put(batch: Any, i: int, token: int, pos: int, seq: int, logits: bool) -> None:
     batch.token[i] = token
     batch.pos[i] = pos
     batch.n_seq_id[i] = 1
@@ -183,7 +223,7 @@ def _put(batch: Any, i: int, token: int, pos: int, seq: int, logits: bool) -> No
     batch.logits[i] = logits
 
 
-def _decode(llama: ModuleType, ctx: Any, batch: Any) -> None:
+def decode(llama: ModuleType, ctx: Any, batch: Any) -> None:
     status = llama.llama_decode(ctx, batch)
     if status != 0:  # 1: no room in the KV cache; < 0: error
         raise RuntimeError(f"llama_decode returned {status} for a batch of {batch.n_tokens} tokens")

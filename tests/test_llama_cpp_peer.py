@@ -1,14 +1,15 @@
 """The llama.cpp peer runner (bench/llama_cpp_peer.py): argument checks and the skip
-reason run everywhere; the decode itself only where llama-cpp-python is installed
-(it is an optional, separately built peer, absent in CI)."""
-import importlib.util
+reason run everywhere; the decode itself, in the peer's own process (bench/llama_cpp_process.py),
+only where that interpreter has llama-cpp-python (an optional, separately built peer, absent in CI)."""
 import sys
 
 import pytest
 
 from forkdec.bench.llama_cpp_peer import SKIP_REASON, llama_cpp_generate
+from forkdec.bench.llama_cpp_process import llama_available, llama_python, run_llama_jobs
 
-HAS_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
+PYTHON = llama_python(None)
+MISSING = llama_available(PYTHON)
 
 
 @pytest.fixture
@@ -44,7 +45,7 @@ def test_without_llama_cpp_good_arguments_raise_import_error_with_the_skip_reaso
     assert "pip install llama-cpp-python" in SKIP_REASON and "not installed" in SKIP_REASON
 
 
-@pytest.mark.skipif(not HAS_LLAMA_CPP, reason=SKIP_REASON)
+@pytest.mark.skipif(MISSING is not None, reason=f"{MISSING}: {SKIP_REASON}")
 def test_batched_decode_on_the_default_model():
     from forkdec.models import default_model_path
 
@@ -53,12 +54,16 @@ def test_batched_decode_on_the_default_model():
     except RuntimeError as e:
         pytest.skip(str(e))
     prompt = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 28, 2]  # a short ChatML-like id sequence
-    greedy = llama_cpp_generate(path, prompt, 3, 6, 0.0, ignore_eos=True)
+    def generate(*args, **kw):
+        names = ("gguf_path", "prompt_ids", "n", "max_new_tokens", "temperature")
+        return run_llama_jobs(PYTHON, "llama_cpp_peer", "llama_cpp_generate", [dict(zip(names, args), **kw)])[0]
+
+    greedy = generate(path, prompt, 3, 6, 0.0, ignore_eos=True)
     assert greedy["generated_tokens"] == 18 and all(len(t) == 6 for t in greedy["tokens"])
     # Every sequence starts from the one shared prompt: greedy paths must agree token for token.
     assert greedy["tokens"][0] == greedy["tokens"][1] == greedy["tokens"][2]
     assert greedy["version"].startswith("llama-cpp-python") and greedy["decode_seconds"] > 0
-    sampled = llama_cpp_generate(path, prompt, 4, 8, 1.0, seed=1, ignore_eos=True)
+    sampled = generate(path, prompt, 4, 8, 1.0, seed=1, ignore_eos=True)
     assert len({tuple(t) for t in sampled["tokens"]}) > 1  # one RNG, four draws per step: paths diverge
-    again = llama_cpp_generate(path, prompt, 4, 8, 1.0, seed=1, ignore_eos=True)
+    again = generate(path, prompt, 4, 8, 1.0, seed=1, ignore_eos=True)
     assert again["tokens"] == sampled["tokens"]  # seeded: reproducible
