@@ -102,9 +102,15 @@ def test_simulate_online_stops_low_confidence_paths():
     assert r.threshold == 6.0
     assert (r.generated_tokens, r.paths_run) == (2 + 2 + 3 + 2, 4)
     assert (r.vote.answer, r.vote.votes, r.vote.considered) == ("5", {"5": 10.0, "7": 8.0}, [0, 3])
-    # with tau: the one warm-up voter already is a full consensus, nothing more runs
+    # with tau: consensus counts every warm-up path (5: 10, 7: 2) and is tested after each later
+    # path that finishes; the one kept warm-up voter alone does not end the run
     r = simulate_online(paths, warmup=2, keep=50, window=2, tau=0.95)
-    assert (r.generated_tokens, r.paths_run, r.vote.answer) == (4, 2, "5")
+    assert (r.generated_tokens, r.paths_run, r.vote.answer) == (9, 4, "5")
+    # after path 3 the pool is 5: 10, 7: 2 + 8, a share of 0.5: tau 0.5 ends the run before path 4
+    r = simulate_online(paths + [P("#### 7", [8, 8])], warmup=2, keep=50, window=2, tau=0.5)
+    assert (r.generated_tokens, r.paths_run) == (9, 4)
+    r = simulate_online(paths + [P("#### 7", [8, 8])], warmup=2, keep=50, window=2, tau=0.95)
+    assert (r.generated_tokens, r.paths_run) == (11, 5)
 
 
 @pytest.mark.parametrize("call,arg", [

@@ -27,19 +27,22 @@ class _Full:
         self.finish_reason, self.text = p.finish_reason, tok.decode(p.token_ids)
 
 
-@pytest.mark.parametrize("keep", [10.0, 90.0])
-def test_online_equals_the_replay_of_full_paths(keep):
+@pytest.mark.parametrize("keep,tau,batch", [(10.0, None, None), (90.0, None, None), (90.0, 0.6, 1), (10.0, 0.6, 1)])
+def test_online_equals_the_replay_of_full_paths(keep, tau, batch):
+    """With tau, one path at a time (batch 1) so that paths end in the replay's order."""
     n, warmup, window = 12, 4, 4
     params = SamplingParams(temperature=1.0, max_new_tokens=24, seed=5, confidence_k=20)
     s = session()
-    run = deepconf_online(s, PROMPT, n, params, keep=keep, warmup=warmup, window=window, tau=None, chat=False)
+    run = deepconf_online(s, PROMPT, n, params, keep=keep, warmup=warmup, window=window, tau=tau, batch=batch,
+                          chat=False)
     full = session()
     ids = full.start(PROMPT, n, params, chat=False, seeds=[5 + i for i in range(n)])
     full.run()
     paths = [_Full(full.path(i), ByteTokenizer()) for i in ids]
-    replay = simulate_online(paths, warmup=warmup, keep=keep, window=window, tau=None)
+    replay = simulate_online(paths, warmup=warmup, keep=keep, window=window, tau=tau)
     assert run.threshold == pytest.approx(replay.threshold, rel=1e-5)
-    assert run.generated_tokens == replay.generated_tokens
+    assert run.generated_tokens == replay.generated_tokens and len(run.paths) == replay.paths_run
+    assert run.vote.answer == replay.vote.answer
     for k, pid in enumerate(run.paths):
         got = s.path(pid)
         stop = stop_position(paths[k].token_confidences, run.threshold, window)
@@ -48,7 +51,10 @@ def test_online_equals_the_replay_of_full_paths(keep):
             assert got.token_ids == paths[k].token_ids[:stop]  # the same path, cut where the rule says
         else:
             assert got.token_ids == paths[k].token_ids
-    assert (keep == 10.0) <= (len(run.stopped) > 0)  # DeepConf-low's high threshold stops some paths here
+    if tau is None:
+        assert (keep == 10.0) <= (len(run.stopped) > 0)  # DeepConf-low's high threshold stops some paths here
+    else:
+        assert run.consensus_stop and run.paths_not_started > 0  # consensus ends the run early here
     s.close()
     assert s.pages_in_use == (s.prefix.num_pages if s.prefix is not None else 0)
 

@@ -73,7 +73,8 @@ class OnlineSearch:
         self.paths: list[int] = []
         self.live: list[int] = []
         self.stopped: list[int] = []
-        self.voters: dict[int, float] = {}
+        self.voters: dict[int, float] = {}   # the final vote: kept warm-up paths, later finished ones
+        self.pool: dict[int, float] = {}     # the consensus test: every warm-up path, later finished ones
         self.consensus_stop = False
         self.phase = "warmup"  # "warmup" -> "search" -> "done"
         self._texts: dict[int, str] = {}
@@ -91,13 +92,15 @@ class OnlineSearch:
             self._texts[pid] = p.stop.final_text(p.token_ids)
         return self._texts[pid]
 
-    def _votes(self) -> dict[str, float]:
-        ids = sorted(self.voters)
-        return weighted_votes({i: _Text(self._text(i)) for i in ids}, ids, [self.voters[i] for i in ids],
+    def _votes(self, weights: dict[int, float]) -> dict[str, float]:
+        ids = sorted(weights)
+        return weighted_votes({i: _Text(self._text(i)) for i in ids}, ids, [weights[i] for i in ids],
                               extract_answer)
 
-    def _check(self, ids: list[int]) -> None:
-        """Stop the paths whose last full window fell below the threshold; finished ones vote."""
+    def _check(self, ids: list[int]) -> bool:
+        """Stop the paths whose last full window fell below the threshold; finished ones
+        vote. True if any path voted."""
+        voted = False
         for pid in ids:
             p = self.session.path(pid)
             if p.live and should_stop(p.token_confidences, self.threshold, self.window):
@@ -106,7 +109,9 @@ class OnlineSearch:
             if not self.session.path(pid).live:
                 self.live.remove(pid)
                 if pid not in self.stopped:
-                    self.voters[pid] = lowest_group_confidence(self._confidences(pid), self.window)
+                    self.voters[pid] = self.pool[pid] = lowest_group_confidence(self._confidences(pid), self.window)
+                    voted = True
+        return voted
 
     # ---- driving --------------------------------------------------------------------------------
     def _fits(self, k: int) -> bool:
@@ -139,17 +144,21 @@ class OnlineSearch:
             self.threshold = deepconf_threshold(list(scores.values()), self.keep)
             count = max(1, math.ceil(self.warmup * self.keep / 100))
             self.voters = {i: scores[i] for i in sorted(self.paths, key=lambda i: -scores[i])[:count]}
+            self.pool = {i: c for i, c in scores.items() if math.isfinite(c)}
             self.phase = "search"
         if self.phase == "search":
-            self._check(list(self.live))
+            # consensus is tested after a later path finishes (the paper's Algorithm 2), over
+            # every warm-up path and the later finished ones
+            voted = self._check(list(self.live))
             while True:
-                if self.tau is not None and consensus_reached(self._votes(), self.tau):
+                if voted and self.tau is not None and consensus_reached(self._votes(self.pool), self.tau):
                     self.consensus_stop = True
                     break
+                voted = False
                 if len(self.paths) < self.n and len(self.live) < self.batch:
                     new = self._start(min(self.batch - len(self.live), self.n - len(self.paths)),
                                       force and not self.live)
-                    self._check(new)  # a first token may already end a window below the threshold
+                    voted = self._check(new)  # a first token may already end a window below the threshold
                     if new and not self.live:
                         continue
                 if self.live or len(self.paths) < self.n:
@@ -164,7 +173,7 @@ class OnlineSearch:
 
     def result(self) -> DeepConfRun:
         require(self.phase == "done", "search", "has not finished")
-        final = self._votes()
+        final = self._votes(self.voters)
         name = f"deepconf-online-{self.keep:g}"
         order = [self.paths.index(i) for i in sorted(self.voters)]
         if final:

@@ -220,10 +220,13 @@ def simulate_online(paths: Sequence[ConfidentPath], warmup: int, keep: float = 1
     """Replays DeepConf online on paths decoded in full, in their order: the first
     `warmup` paths run to the end and set the threshold (percentile of their
     lowest group confidence, see `deepconf_threshold`); each later path stops at
-    `stop_position` (it then votes nothing); after each path, the run ends once
-    the confidence-weighted consensus reaches tau (None: never). The vote is the
-    confidence-weighted majority over the warm-up paths in the top `keep` % and the
-    later paths that finished, each weighted by its lowest group confidence."""
+    `stop_position` (it then votes nothing); after each later path that finishes,
+    the run ends once the confidence-weighted consensus of all warm-up paths and the
+    later finished ones reaches tau (None: never; as in the paper's Algorithm 2, the
+    warm-up set is the consensus's starting pool, so a single kept warm-up path
+    cannot end the run alone). The vote is the confidence-weighted majority over the
+    warm-up paths in the top `keep` % and the later paths that finished, each
+    weighted by its lowest group confidence."""
     _check_window(window)
     _check_percent(keep, "keep")
     if isinstance(warmup, bool) or not isinstance(warmup, int) or not 1 <= warmup <= len(paths):
@@ -235,11 +238,9 @@ def simulate_online(paths: Sequence[ConfidentPath], warmup: int, keep: float = 1
     tokens = sum(len(paths[i].token_ids) for i in warm)
     count = max(1, math.ceil(warmup * keep / 100))
     voters = {i: warm_scores[i] for i in sorted(warm, key=lambda i: -warm_scores[i])[:count]}
+    pool = {i: c for i, c in warm_scores.items() if math.isfinite(c)}  # consensus: every warm-up path
     run = warmup
     for i in range(warmup, len(paths)):
-        if tau is not None and consensus_reached(weighted_votes(paths, list(voters), list(voters.values()),
-                                                                extract), tau):
-            break
         conf = _confidences(paths[i])
         stop = stop_position(conf, threshold, window)
         run += 1
@@ -248,7 +249,10 @@ def simulate_online(paths: Sequence[ConfidentPath], warmup: int, keep: float = 1
             continue
         tokens += len(paths[i].token_ids)
         if paths[i].finish_reason != "cancelled":
-            voters[i] = lowest_group_confidence(conf, window)
+            voters[i] = pool[i] = lowest_group_confidence(conf, window)
+            if tau is not None and consensus_reached(weighted_votes(paths, list(pool), list(pool.values()),
+                                                                    extract), tau):
+                break
     kept = sorted(voters)
     votes = weighted_votes(paths, kept, [voters[i] for i in kept], extract)
     if not votes:
