@@ -49,10 +49,7 @@ def llama_cpp_fewshot(gguf_path: str, prefix_ids: list[int], question_ids: list[
             lc.check_vocab(list(q), "question_ids")
         chain = lc.sampler(temperature, top_p, top_k, seed)
         start = time.perf_counter()
-        for i, tok in enumerate(prefix_ids):
-            put(batch, i, tok, i, 0, logits=False)
-        batch.n_tokens = p
-        decode(llama, ctx, batch)
+        lc.prefill(prefix_ids, last_logits=False)
         prefill_seconds = time.perf_counter() - start
         decode_seconds = 0.0
         for group in groups:

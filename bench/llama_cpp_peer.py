@@ -62,10 +62,7 @@ def llama_cpp_generate(gguf_path: str, prompt_ids: list[int], n: int, max_new_to
         chain = lc.sampler(temperature, top_p, top_k, seed)
 
         t0 = time.perf_counter()
-        for i, tok in enumerate(prompt_ids):
-            put(batch, i, tok, i, 0, logits=i == p - 1)
-        batch.n_tokens = p
-        decode(llama, ctx, batch)
+        lc.prefill(prompt_ids)
         for s in range(1, n):
             llama.llama_memory_seq_cp(lc.memory, 0, s, -1, -1)
         t1 = time.perf_counter()
@@ -139,6 +136,13 @@ class LlamaContext:
         bad = [t for t in ids if t >= n_vocab]
         if bad:
             raise ValueError(f"{arg}: {bad[0]} is outside the model's vocabulary of {n_vocab}")
+
+    def prefill(self, ids: list[int], last_logits: bool = True) -> None:
+        """Decode `ids` at positions 0.. into sequence 0 in one batch (logits of the last row if asked)."""
+        for i, tok in enumerate(ids):
+            put(self.batch, i, tok, i, 0, logits=last_logits and i == len(ids) - 1)
+        self.batch.n_tokens = len(ids)
+        decode(self.llama, self.ctx, self.batch)
 
     def sampler(self, temperature: float, top_p: float, top_k: int, seed: int) -> Any:
         chain = _sampler_chain(self.llama, temperature, top_p, top_k, seed)

@@ -50,10 +50,7 @@ def llama_cpp_tree_decode(gguf_path: str, prompt_ids: list[int], depth: int, bra
         lc.check_vocab(prompt_ids, "prompt_ids")
         chain = lc.sampler(temperature, top_p, top_k, seed)
         t0 = time.perf_counter()
-        for i, tok in enumerate(prompt_ids):
-            put(batch, i, tok, i, 0, logits=i == p - 1)
-        batch.n_tokens = p
-        decode(llama, ctx, batch)
+        lc.prefill(prompt_ids)
         prompt_seconds = time.perf_counter() - t0
 
         live, row, chains, next_seq = [0], {0: p - 1}, {0: []}, 1
