@@ -47,7 +47,10 @@ def _int8_exact_x(m, k, g):
 @needs_ext
 @pytest.mark.parametrize("qtype", list(GGML))
 @pytest.mark.parametrize("isa", ["avx2", "avx512", "scalar"])
-def test_cpu_is_exact_on_int8_representable_activations(qtype, isa):
+# 1-2 rows: the per-row kernel; 3..8: lane groups of 8; 9+: of 16 on avx512 (8 elsewhere),
+# with partly filled last groups (17, 33) and several groups (33, 64).
+@pytest.mark.parametrize("m", [1, 2, 3, 8, 9, 16, 17, 33, 64])
+def test_cpu_is_exact_on_int8_representable_activations(qtype, isa, m):
     ext = forkdec._extension.load()
     if isa not in ext.available_cpu_isas():
         pytest.skip(f"this CPU has no {isa}")
@@ -56,7 +59,7 @@ def test_cpu_is_exact_on_int8_representable_activations(qtype, isa):
     try:
         g = torch.Generator().manual_seed(1)
         w = pack_gguf(_raw(qtype, 50, 576, seed=2), GGML[qtype], (50, 576))
-        x = _int8_exact_x(9, 576, g)
+        x = _int8_exact_x(m, 576, g)
         got = ops.qlinear(x, w, backend="cpu")
     finally:
         ext.set_cpu_isa(previous)
