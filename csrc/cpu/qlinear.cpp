@@ -368,11 +368,18 @@ QL_INLINE typename Vec<W>::F32 expand(const float* p) {
   }
 }
 
+// Sum of the lanes, halving the vector each time (a serial sum would be a chain of
+// W / 4 dependent adds per output, as long as a row's whole dot product at 1 row).
 template <int W>
 QL_INLINE float hsum(typename Vec<W>::F32 v) {
-  float s = 0.0f;
-  for (int l = 0; l < W / 4; ++l) s += v[l];
-  return s;
+  if constexpr (W == 16) {
+    return (v[0] + v[2]) + (v[1] + v[3]);
+  } else {
+    typename Vec<W / 2>::F32 lo, hi;
+    std::memcpy(&lo, &v, W / 2);
+    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + W / 2, W / 2);
+    return hsum<W / 2>(lo + hi);
+  }
 }
 
 // acc[r] += the W-byte step at byte offset s of superblock sb of weight row
@@ -428,15 +435,18 @@ QL_TARGET void row_tile(const Tile& t, int64_t row, int64_t x0) {
   } else if (rest > 64) {
     for (int s = 0; s < 64; s += W) step<W, Bits, MT>(w, row, x, x0, full, s, acc);
   }
-  // Offsets: sum_b c[row, b] * scale_x[b] * sum(codes_x[b]), in fp32.
+  // Offsets: sum_b c[row, b] * scale_x[b] * sum(codes_x[b]), in fp32, 4 blocks
+  // (a superblock) per step; padding blocks have c = 0.
   const float* c = w.offset + row * x.blocks;
-  const int64_t used = (w.k + kQSuperblock - 1) / kQSuperblock * 4;
+  const int64_t superblocks = (w.k + kQSuperblock - 1) / kQSuperblock;
   const float b = t.bias ? t.bias[row] : 0.0f;
   for (int r = 0; r < MT; ++r) {
     const float* xs = x.scaled_sum + (x0 + r) * x.blocks;
-    float off = 0.0f;
-    for (int64_t i = 0; i < used; ++i) off += c[i] * xs[i];
-    const float value = hsum<W>(acc[r]) + hsum<32>(acc32[r]) + off + b;
+    typename Vec<16>::F32 off = {};
+    for (int64_t sb = 0; sb < superblocks; ++sb) {
+      off += vload<typename Vec<16>::F32>(c + sb * 4) * vload<typename Vec<16>::F32>(xs + sb * 4);
+    }
+    const float value = hsum<W>(acc[r]) + hsum<32>(acc32[r]) + hsum<16>(off) + b;
     const int64_t at = (x0 + r) * t.out_stride + row;
     switch (t.out_dtype) {
       case DType::f32:
