@@ -301,7 +301,7 @@ def run(argv: list[str] | None = None) -> int:
     facts = machine_facts({
         "model": "SmolLM2-135M-Instruct GGUF (embedded): Q4_1 matrices, Q8_0 token_embd / tied LM head",
         "forkdec weight forms": ", ".join(forms) + " (load_model weights=; gguf+bf16: stored blocks for products "
-                                "of <= 2 rows, bf16 copies above)",
+                                "of <= model.qlinear_max_rows (16) rows, bf16 copies above)",
         "llama.cpp": llama_version + f" (same GGUF file, weights as stored; own process: {python}, "
                      f"{args.llama_threads} threads, OMP_WAIT_POLICY removed from its environment)",
         "transformers": _version("transformers") + " fp32" if peers else "not run",

@@ -1,7 +1,7 @@
 """qlinear benchmark: GGUF block products against bf16 GEMMs, the n=1 roofline, and
 the breakdown of a decode step.
 
-1. Each SmolLM2-135M matrix shape (Q4_1; the tied LM head Q8_0) at m = 1..32 rows:
+1. Each SmolLM2-135M matrix shape (Q4_1; the tied LM head Q8_0) at m = 1..128 rows:
    forkdec.ops.qlinear (cpu) against F.linear on the same values in bf16 (oneDNN),
    timed interleaved (bench.common.time_interleaved).
 2. Read bandwidth of this machine (a sum over a 512 MiB tensor) and the bytes one
@@ -135,7 +135,7 @@ PART_ORDER = ["bf16/fp32 GEMM", "qlinear (GGUF blocks)", "fused layer ops", "att
 
 def run(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="forkdec bench qlinear", description=__doc__)
-    parser.add_argument("--m", default="1,2,4,8,32", help="rows of the kernel table")
+    parser.add_argument("--m", default="1,2,3,4,8,16,32,64,128", help="rows of the kernel table")
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--n", default="1,8,32", help="paths of the profiled decode steps")
     parser.add_argument("--weights", default="bf16,gguf,gguf+bf16", help="weight forms profiled")

@@ -47,7 +47,10 @@ def _int8_exact_x(m, k, g):
 @needs_ext
 @pytest.mark.parametrize("qtype", list(GGML))
 @pytest.mark.parametrize("isa", ["avx2", "avx512", "scalar"])
-def test_cpu_is_exact_on_int8_representable_activations(qtype, isa):
+# 1-2 rows: the per-row kernel; 3..8: lane groups of 8; 9+: of 16 on avx512 (8 elsewhere),
+# with partly filled last groups (17, 33) and several groups (33, 64).
+@pytest.mark.parametrize("m", [1, 2, 3, 8, 9, 16, 17, 33, 64])
+def test_cpu_is_exact_on_int8_representable_activations(qtype, isa, m):
     ext = forkdec._extension.load()
     if isa not in ext.available_cpu_isas():
         pytest.skip(f"this CPU has no {isa}")
@@ -56,7 +59,7 @@ def test_cpu_is_exact_on_int8_representable_activations(qtype, isa):
     try:
         g = torch.Generator().manual_seed(1)
         w = pack_gguf(_raw(qtype, 50, 576, seed=2), GGML[qtype], (50, 576))
-        x = _int8_exact_x(9, 576, g)
+        x = _int8_exact_x(m, 576, g)
         got = ops.qlinear(x, w, backend="cpu")
     finally:
         ext.set_cpu_isa(previous)
@@ -170,8 +173,9 @@ def _logits(model, ids):
 
 @needs_ext
 def test_model_forms_route_products(smollm_forms):
-    """gguf+bf16 computes 1-2 row forwards on the blocks (equal to the gguf model) and larger
-    ones in bf16 (equal to the bf16 model); the stored-block logits agree with bf16 closely."""
+    """gguf+bf16 computes forwards of at most qlinear_max_rows rows on the blocks (equal to
+    the gguf model) and larger ones in bf16 (equal to the bf16 model); the stored-block
+    logits agree with bf16 closely."""
     from forkdec.qweight import QuantizedWeight
 
     gguf, mixed, bf16 = smollm_forms["gguf"], smollm_forms["gguf+bf16"], smollm_forms["bf16"]
@@ -179,10 +183,12 @@ def test_model_forms_route_products(smollm_forms):
     assert isinstance(gguf.lm_head, QuantizedWeight) and gguf.lm_head.qtype == "Q8_0"
     assert mixed.layers[0].blocks is not None and not isinstance(mixed.layers[0].qkv, QuantizedWeight)
     with forkdec.validation(False):
-        for ids in ([17], [17, 912]):
-            assert torch.equal(_logits(mixed, ids), _logits(gguf, ids))
         ids = [1, 504, 3458, 282, 4649, 314, 7042, 30]
-        assert torch.equal(_logits(mixed, ids), _logits(bf16, ids))
+        limit = mixed.qlinear_max_rows
+        for rows in (1, 2, 8, limit):  # the per-row kernel, lane groups of 8, the limit itself
+            assert torch.equal(_logits(mixed, (ids * limit)[:rows]), _logits(gguf, (ids * limit)[:rows]))
+        above = (ids * (limit + 1))[:limit + 1]
+        assert torch.equal(_logits(mixed, above), _logits(bf16, above))
         a, b = _logits(gguf, ids), _logits(bf16, ids)
     assert (a - b).norm() / b.norm() < 0.08  # bf16 activations, int8-rounded per block: ~5% here
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.75

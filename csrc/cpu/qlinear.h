@@ -33,21 +33,41 @@ struct QWeightView {
   int64_t k_padded;      // K rounded up to a multiple of 128
 };
 
+// Two kernels share the packed weights. The per-row kernel (products of 1..2 rows)
+// dots each weight row against each activation row, one superblock per vector. The
+// lane-tiled kernel (more rows) puts L activation rows side by side, one per int32
+// lane (4 consecutive codes of a row per lane), and broadcasts 4 weight codes of an
+// output feature to every lane: each integer dot then accumulates a whole block per
+// lane, so the fp32 scaling runs once per block and L rows, not once per 4 codes and
+// row. The scratch layout follows the kernel:
+//   lanes == 0: codes [m, k_padded] in packed order, per-lane scales, per-chunk sums;
+//   lanes == L: groups of L rows; codes [group, k_padded / 4, L, 4], scales and
+//               scale * sum(codes) [group, k_padded / 32, L] (rows >= m are zeros).
+// Rows per lane group for a product of m rows on the current instruction set: 0 for
+// the per-row kernel, else 8 or 16.
+int64_t qlinear_lanes(int64_t m);
+
+// Rows the scratch holds: m, rounded up to a multiple of lanes.
+inline int64_t qlinear_scratch_rows(int64_t m, int64_t lanes) {
+  return lanes ? (m + lanes - 1) / lanes * lanes : m;
+}
+
 // Bytes of scratch holding m quantized activation rows of k_padded elements.
-int64_t qlinear_scratch_bytes(int64_t m, int64_t k_padded);
+int64_t qlinear_scratch_bytes(int64_t m, int64_t k_padded, int64_t lanes);
 
 // Quantizes rows [begin, end) of x [m, k] (rows x_stride elements apart, unit
 // stride inside; dtype f32/f16/bf16) per block of 32 into scratch: int8 codes in
 // the packed order, one fp32 scale and one fp32 scale * sum(codes) per block.
-// Elements k .. k_padded are zeros.
+// Elements k .. k_padded are zeros; so are rows m .. end (end <= qlinear_scratch_rows).
 void qlinear_quantize_rows(const void* x, DType dtype, int64_t x_stride, int64_t k, int64_t k_padded,
-                           int64_t begin, int64_t end, int64_t m, void* scratch);
+                           int64_t begin, int64_t end, int64_t m, int64_t lanes, void* scratch);
 
 // out[r, j] = sum_e x[r, e] * w[j, e] (+ bias[j]) for output features j in
 // [n_begin, n_end) and every row r < m, from the quantized activations in
-// scratch. out is [m, out_stride] of out_dtype; bias (fp32, n values) may be null.
-void qlinear_rows(const QWeightView& w, const void* scratch, int64_t m, int64_t n_begin, int64_t n_end,
-                  const float* bias, void* out, DType out_dtype, int64_t out_stride);
+// scratch (made with the same lanes). out is [m, out_stride] of out_dtype; bias
+// (fp32, n values) may be null.
+void qlinear_rows(const QWeightView& w, const void* scratch, int64_t m, int64_t lanes, int64_t n_begin,
+                  int64_t n_end, const float* bias, void* out, DType out_dtype, int64_t out_stride);
 
 // Whether the current instruction set uses VNNI integer dot products.
 bool qlinear_uses_vnni();

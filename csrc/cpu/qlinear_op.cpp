@@ -62,19 +62,20 @@ at::Tensor qlinear_cpu(const at::Tensor& x, const at::Tensor& codes, const at::T
   // The scratch lives as long as the thread: a decode step calls this ~120
   // times with a few KB each, which malloc would otherwise serve every time.
   thread_local std::vector<uint8_t> scratch;
-  const size_t need = static_cast<size_t>(qlinear_scratch_bytes(m, kp));
+  const int64_t lanes = qlinear_lanes(m), rows = qlinear_scratch_rows(m, lanes);
+  const size_t need = static_cast<size_t>(qlinear_scratch_bytes(m, kp, lanes));
   if (scratch.size() < need) scratch.resize(need);
   void* s = scratch.data();
   const int64_t x_grain = std::max<int64_t>(1, kGrainMacs / (32 * k));
-  at::parallel_for(0, m, x_grain, [&](int64_t begin, int64_t end) {
-    qlinear_quantize_rows(x2.const_data_ptr(), xdtype, x2.stride(0), k, kp, begin, end, m, s);
+  at::parallel_for(0, rows, x_grain, [&](int64_t begin, int64_t end) {
+    qlinear_quantize_rows(x2.const_data_ptr(), xdtype, x2.stride(0), k, kp, begin, end, m, lanes, s);
   });
   const QWeightView w{codes.const_data_ptr<uint8_t>(), scale.const_data_ptr<float>(),
                       offset.const_data_ptr<float>(), static_cast<int>(bits), n, k, kp};
   const float* bp = b.defined() ? b.const_data_ptr<float>() : nullptr;
   const int64_t grain = std::max<int64_t>(1, kGrainMacs / (m * k));
   at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
-    qlinear_rows(w, s, m, begin, end, bp, out.mutable_data_ptr(), odtype, n);
+    qlinear_rows(w, s, m, lanes, begin, end, bp, out.mutable_data_ptr(), odtype, n);
   });
   return out;
 }

@@ -28,7 +28,7 @@ from forkdec.engine.state import PathState, PromptState
 from forkdec.engine.step_view import PathDelta, StepView, early_stop_hook
 from forkdec.engine.stops import StopChecker
 from forkdec.engine.token_sampler import draw
-from forkdec.validation import require
+from forkdec.validation import require, validation
 
 EarlyStop = Callable[[int, list[Completion]], bool]
 
@@ -168,6 +168,9 @@ class Engine:
         context = self.model.config.max_position_embeddings
         for i, t in enumerate(ids):
             require(len(t) > 0, "prompt", f"prompt {i} encodes to no tokens")
+            # The steps run the model with validation off: its token check happens here, once.
+            require(max(t) < self.model.config.vocab_size and min(t) >= 0, "prompt",
+                    f"prompt {i} encodes to token ids outside the model's vocabulary of {self.model.config.vocab_size}")
             params.check_fits(len(t), context, which=f"prompt {i}")
         states = [PromptState(i, t, c, results=[None] * c) for i, (t, c) in enumerate(zip(ids, counts))]
         hooks = [h for h in (on_step, early_stop_hook(early_stop) if early_stop is not None else None) if h]
@@ -359,7 +362,8 @@ class _Run:
         t = time.perf_counter()
         batch = prefill_batch(prompts, self.e.page_size)
         attend = make_attend(batch, self.cache, prefill=True, backend=self.backend)
-        logits = self.e.model.forward(batch.tokens, batch.positions, attend, logits_rows=batch.logits_rows)
+        with validation(False):  # metadata built by prefill_batch from checked prompts
+            logits = self.e.model.forward(batch.tokens, batch.positions, attend, logits_rows=batch.logits_rows)
         for s, row in zip(prompts, logits.float()):
             s.last_logits = row
             self.stats.prompt_tokens_reused += s.cached
@@ -391,7 +395,8 @@ class _Run:
         batch = decode_batch(self.running, self.alloc, self.e.page_size)
         self.note_memory()
         attend = make_attend(batch, self.cache, prefill=False, backend=self.backend)
-        logits = self.e.model.forward(batch.tokens, batch.positions, attend)
+        with validation(False):  # the step's own metadata and sampled tokens: valid by construction
+            logits = self.e.model.forward(batch.tokens, batch.positions, attend)
         self.stats.decode_steps += 1
         self.stats.max_batch = max(self.stats.max_batch, len(self.running))
         self.accept(list(self.running), logits, None)

@@ -95,7 +95,7 @@ class LlamaModel(nn.Module):
         # Products of at most this many rows use the stored blocks when both forms are held:
         # the int8 kernels read 4x fewer bytes and win while a product is bound by memory,
         # oneDNN's bf16 GEMM wins above (docs/models.md).
-        self.qlinear_max_rows = 2
+        self.qlinear_max_rows = 16
 
     @property
     def dtype(self) -> torch.dtype:
