@@ -170,6 +170,17 @@ def test_bad_generate_arguments_name_the_argument(kwargs, arg):
         engine().generate(call.pop("prompts"), **call)
 
 
+def test_prompt_ids_outside_the_vocabulary_are_refused_before_the_unvalidated_steps():
+    """The steps run the model with validation off, so generate checks the prompt's ids once:
+    a tokenizer that does not match the model (bytes 'x', 'y' beyond a 100-token vocabulary)."""
+    from engine_fixtures import TinyConfig
+
+    eng = Engine(TinyLlama(TinyConfig(vocab_size=100, eos_token_ids=(3,))), tokenizer=ByteTokenizer())
+    with pytest.raises(ValueError, match="^prompt: prompt 1 encodes to token ids outside the model's vocabulary"):
+        eng.generate(["ab", "xy"], 1, SamplingParams(max_new_tokens=2), chat=False)
+    assert len(eng.generate(["ab"], 2, SamplingParams(max_new_tokens=2), chat=False)[0]) == 2  # still usable
+
+
 @pytest.mark.parametrize("kwargs,arg", [
     (dict(stop=[""]), "stop"), (dict(max_new_tokens=0), "max_new_tokens"), (dict(temperature=-1), "temperature"),
     (dict(top_p=0.0), "top_p"), (dict(top_k=-2), "top_k"), (dict(min_p=1.0), "min_p"), (dict(seed="x"), "seed"),
