@@ -178,7 +178,6 @@ def test_prompt_ids_outside_the_vocabulary_are_refused_before_the_unvalidated_st
     eng = Engine(TinyLlama(TinyConfig(vocab_size=100, eos_token_ids=(3,))), tokenizer=ByteTokenizer())
     with pytest.raises(ValueError, match="^prompt: prompt 1 encodes to token ids outside the model's vocabulary"):
         eng.generate(["ab", "xy"], 1, SamplingParams(max_new_tokens=2), chat=False)
-    assert len(eng.generate(["ab"], 2, SamplingParams(max_new_tokens=2), chat=False)[0]) == 2  # still usable
 
 
 @pytest.mark.parametrize("kwargs,arg", [
