@@ -23,7 +23,6 @@ import importlib.util
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,55 +32,28 @@ import torch
 
 from forkdec.bench.common import machine_facts, markdown_table, results_dir, write_report
 from forkdec.bench.llama_cpp_peer import SKIP_REASON
+from forkdec.bench.llama_cpp_process import DEFAULT_LLAMA_PYTHON, llama_available, llama_python, run_llama_jobs
 
 TARGET = ("vs llama.cpp (aggregate generated tokens/s, issue 18): n=1 >= 1.0x (moonshot 1.5x), n=8 >= 2x, n=32 >= 3x, "
           "n=128 >= 10x; --speculate ngram at n=1 >= 1.5x llama.cpp's plain decoding")
 TARGETS = {1: 1.0, 8: 2.0, 32: 3.0, 128: 10.0}
-DEFAULT_LLAMA_PYTHON = "/work/llamavenv/bin/python"
-
-# Runs in llama.cpp's own process: loads bench/llama_cpp_peer.py without forkdec (whose
-# only import there is the argument checker), reads the jobs as JSON on stdin.
-_LLAMA_RUNNER = r"""
-import importlib.util, json, sys, types
-def require(condition, arg, message):
-    if not condition:
-        raise ValueError(f"{arg}: {message}")
-validation = types.ModuleType("forkdec.validation")
-validation.require = require
-sys.modules.setdefault("forkdec", types.ModuleType("forkdec"))
-sys.modules["forkdec.validation"] = validation
-spec = importlib.util.spec_from_file_location("llama_cpp_peer", sys.argv[1])
-peer = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(peer)
-job = json.loads(sys.stdin.read())
-peer.llama_cpp_generate(job["path"], job["warm_ids"], 2, 4, 0.7, threads=job["threads"])
-results = []
-for run in job["runs"]:
-    r = peer.llama_cpp_generate(job["path"], run["ids"], run["n"], job["max_new"], 0.7, seed=0,
-                                threads=job["threads"], ignore_eos=True)
-    r.pop("tokens", None)
-    r.update(kind=run["kind"], n=run["n"])
-    print(json.dumps(r), flush=True)
-    print(f"llama.cpp {run['kind']} n={run['n']}: {r['generated_tokens'] / (r['prompt_seconds'] + r['decode_seconds']):.1f} tok/s", file=sys.stderr, flush=True)
-"""
 
 
-def run_llama_process(python: str, path: str, runs: list[dict], max_new: int, threads: int, warm_ids: list[int]) -> list[dict]:
-    """llama.cpp's runs in a child process of `python`; its environment is ours minus OMP_WAIT_POLICY."""
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    job = {"path": path, "runs": runs, "max_new": max_new, "threads": threads, "warm_ids": warm_ids}
-    peer_file = str(Path(__file__).resolve().parent / "llama_cpp_peer.py")
-    proc = subprocess.run([python, "-c", _LLAMA_RUNNER, peer_file], input=json.dumps(job), env=env,
-                          stdout=subprocess.PIPE, stderr=None, text=True, check=True)
-    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+def run_llama_process(python: str, path: str, runs: list[dict], max_new: int, threads: int,
+                      warm_ids: list[int]) -> list[dict]:
+    """llama.cpp's runs (after one untimed warm-up) in its own process (bench/llama_cpp_process.py)."""
+    jobs = [dict(gguf_path=path, prompt_ids=warm_ids, n=2, max_new_tokens=4, temperature=0.7, threads=threads)]
+    jobs += [dict(gguf_path=path, prompt_ids=r["ids"], n=r["n"], max_new_tokens=max_new, temperature=0.7, seed=0,
+                  threads=threads, ignore_eos=True) for r in runs]
+    results = run_llama_jobs(python, "llama_cpp_peer", "llama_cpp_generate", jobs)[1:]
+    for run, r in zip(runs, results):
+        r.pop("tokens", None)
+        r.update(kind=run["kind"], n=run["n"])
+        tok_s = r["generated_tokens"] / (r["prompt_seconds"] + r["decode_seconds"])
+        print(f"llama.cpp {run['kind']} n={run['n']}: {tok_s:.1f} tok/s", file=sys.stderr, flush=True)
+    return results
 
 
-def llama_available(python: str) -> bool:
-    if not os.path.exists(python):
-        return False
-    probe = subprocess.run([python, "-c", "import importlib.util, sys; "
-                            "sys.exit(importlib.util.find_spec('llama_cpp') is None)"], capture_output=True)
-    return probe.returncode == 0
 FALLBACK_QUESTION = ("Janet's ducks lay 16 eggs per day. She eats three for breakfast every morning and bakes "
                      "muffins for her friends every day with four. She sells the remainder at the farmers' market "
                      "daily for $2 per fresh duck egg. How much in dollars does she make every day at the "
@@ -219,7 +191,7 @@ def run(argv: list[str] | None = None) -> int:
     data = gsm8k(args.data)
     if data is None:
         data_note = f"{args.data} missing: a fixed built-in GSM8K-style question"
-        print(data_note)
+        print(f"forkdec bench engine: {data_note} (--data PATH names the GSM8K test file)", file=sys.stderr)
     results: dict[str, dict[tuple[str, int], dict]] = {}  # form -> (prompt kind, n) -> spread of tok/s
     extra: dict[str, dict] = {}
     engine = None
@@ -258,11 +230,11 @@ def run(argv: list[str] | None = None) -> int:
             print(f"transformers short n={n}: {_cell(peers[('short', n)])} tok/s")
     llama: dict[tuple[str, int], dict] = {}
     llama_version = "not run"
-    python = args.llama_python or (DEFAULT_LLAMA_PYTHON if os.path.exists(DEFAULT_LLAMA_PYTHON) else sys.executable)
+    python = llama_python(args.llama_python)
     if args.no_peers:
         skipped.append("llama.cpp: --no-peers")
-    elif not llama_available(python):
-        skipped.append(f"llama.cpp: not importable by {python}: {SKIP_REASON}")
+    elif llama_available(python) is not None:
+        skipped.append(f"llama.cpp: {llama_available(python)}: {SKIP_REASON}")
     else:
         llama_ns = ints(args.llama_n) if args.llama_n else ns
         runs = [{"kind": kind, "n": n, "ids": engine.encode(texts[kind])}
