@@ -156,7 +156,12 @@ def test_score_confidences_agree_with_the_engines_own_logprobs():
     from forkdec.engine.engine import Engine
     from forkdec.eval.reasoning import score_confidences
 
-    engine = Engine()
+    from forkdec.models import load_model
+
+    # bf16 weights for every product: the default form computes decode steps of <= 16 rows with
+    # the GGUF blocks (int8 activations), the scoring prefill with bf16 copies
+    model, tokenizer = load_model(None, weights="bf16")
+    engine = Engine(model, tokenizer=tokenizer)
     prompt = "What is 2 + 3?"
     paths = engine.generate(prompt, 3, SamplingParams(temperature=1.0, max_new_tokens=12, seed=1))[0]
     scored = score_confidences(engine.model, engine.encode(prompt), [p.token_ids for p in paths])
