@@ -80,11 +80,14 @@ void run_case(std::mt19937& rng, const std::string& isa, int bits, int64_t m, in
   }
   std::vector<float> bias(n);
   for (int64_t j = 0; j < n; ++j) bias[j] = 0.25f * static_cast<float>(j % 3);
-  std::vector<uint8_t> scratch(fc::qlinear_scratch_bytes(m, w.view.k_padded));
-  fc::qlinear_quantize_rows(x.data(), fc::DType::f32, k, k, w.view.k_padded, 0, m, m, scratch.data());
+  // the op's own choice of row layout: one row at a time below 3 rows, lane groups from 3
+  const int64_t lanes = fc::qlinear_lanes(m), rows = fc::qlinear_scratch_rows(m, lanes);
+  std::vector<uint8_t> scratch(fc::qlinear_scratch_bytes(m, w.view.k_padded, lanes));
+  fc::qlinear_quantize_rows(x.data(), fc::DType::f32, k, k, w.view.k_padded, 0, rows, m, lanes, scratch.data());
   std::vector<float> out(m * n, -1e30f);
   for (int64_t j0 = 0; j0 < n; j0 += 3) {  // ranges of output rows, as threads take them
-    fc::qlinear_rows(w.view, scratch.data(), m, j0, std::min(n, j0 + 3), bias.data(), out.data(), fc::DType::f32, n);
+    fc::qlinear_rows(w.view, scratch.data(), m, lanes, j0, std::min(n, j0 + 3), bias.data(), out.data(),
+                     fc::DType::f32, n);
   }
   for (int64_t r = 0; r < m; ++r) {
     for (int64_t j = 0; j < n; ++j) {
@@ -126,7 +129,7 @@ int main() {
     const std::string name = std::string(fc::isa_name(isa)) + (vnni ? "" : "-novnni");
     for (int bits : {4, 8}) {
       for (int64_t k : {32, 64, 96, 128, 160, 576, 640}) {
-        for (int64_t m : {1, 3, 4, 6}) {
+        for (int64_t m : {1, 2, 3, 4, 6, 9, 17}) {
           run_case(rng, name, bits, m, 7, k, true);
           run_case(rng, name, bits, m, 5, k, false);
         }
