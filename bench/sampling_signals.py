@@ -103,7 +103,7 @@ def run(argv: list[str] | None = None) -> int:
             "sample_with_logprobs(top 20)": lambda: forkdec.ops.sample_with_logprobs(logits, top_logprobs=TOP, **kw),
             "sample_with_logprobs(logprob only)": lambda: forkdec.ops.sample_with_logprobs(logits, top_logprobs=None,
                                                                                           **kw),
-            "engine today: sample + logsumexp": engine_today,
+            "engine before (issue 17): sample + logsumexp": engine_today,
             "torch: sample + logsumexp + topk": torch_signals,
         }, args.rounds, args.calls)
     print("timing the engine's decode step ...", flush=True)
