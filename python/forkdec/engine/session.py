@@ -271,6 +271,7 @@ class Session:
         with torch.inference_mode():  # a partial page's copy writes the cache
             leaves = self.memory.fork(parent.leaf, k, self.alloc.alloc)
         children = []
+        lp = torch.log_softmax(parent.logits, dim=-1) if tokens is not None else None
         for i, (leaf, q) in enumerate(zip(leaves, plist)):
             c = self._new_path(parent.prompt_ids, leaf, q, self._generator(seeds[i]), parent.boundary)
             c.token_ids, c.token_logprobs = list(parent.token_ids), list(parent.token_logprobs)
@@ -281,7 +282,6 @@ class Session:
             c.window = parent.window if i == 0 else self.window_pages
             c.quant_floor, c.quant_done = parent.quant_floor, parent.quant_done
             if tokens is not None:
-                lp = torch.log_softmax(parent.logits, dim=-1)
                 c.token_ids[-1], c.token_logprobs[-1] = tokens[i], float(lp[tokens[i]])
             c.stop = StopChecker(q, self.eos, self.engine.tokenizer)
             children.append(c)

@@ -57,7 +57,8 @@ def beam_search(session, prompt, *, width: int = 4, max_new_tokens: int = 64, le
     tok = session.engine.tokenizer
     for length in range(1, max_new_tokens + 1):
         before = [sum(session.path(b).token_logprobs[:-1]) for b in beams]
-        rows = torch.stack([session.logprobs(b) for b in beams])          # [B, V]
+        # one log-softmax over all beams' pending distributions (Session.logprobs row by row)
+        rows = torch.log_softmax(torch.stack([session.path(b).logits for b in beams]), dim=-1)  # [B, V]
         scores = rows.double() + torch.tensor(before, dtype=torch.float64)[:, None]
         vocab = rows.shape[1]
         flat = scores.flatten()
