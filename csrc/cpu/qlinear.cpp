@@ -284,6 +284,22 @@ struct Vec {
   static constexpr int kLanes = W / 4;
 };
 
+// out[r, j] = value in the tile's output dtype.
+QL_INLINE void store(const Tile& t, int64_t r, int64_t j, float value) {
+  const int64_t at = r * t.out_stride + j;
+  switch (t.out_dtype) {
+    case DType::f32:
+      static_cast<float*>(t.out)[at] = value;
+      break;
+    case DType::f16:
+      static_cast<Half*>(t.out)[at] = to_half(value);
+      break;
+    case DType::bf16:
+      static_cast<BFloat*>(t.out)[at] = to_bf16(value);
+      break;
+  }
+}
+
 template <class T>
 QL_INLINE T vload(const void* p) {
   T v;
@@ -446,38 +462,11 @@ QL_TARGET void row_tile(const Tile& t, int64_t row, int64_t x0) {
     for (int64_t sb = 0; sb < superblocks; ++sb) {
       off += vload<typename Vec<16>::F32>(c + sb * 4) * vload<typename Vec<16>::F32>(xs + sb * 4);
     }
-    const float value = hsum<W>(acc[r]) + hsum<32>(acc32[r]) + hsum<16>(off) + b;
-    const int64_t at = (x0 + r) * t.out_stride + row;
-    switch (t.out_dtype) {
-      case DType::f32:
-        static_cast<float*>(t.out)[at] = value;
-        break;
-      case DType::f16:
-        static_cast<Half*>(t.out)[at] = to_half(value);
-        break;
-      case DType::bf16:
-        static_cast<BFloat*>(t.out)[at] = to_bf16(value);
-        break;
-    }
+    store(t, x0 + r, row, hsum<W>(acc[r]) + hsum<32>(acc32[r]) + hsum<16>(off) + b);
   }
 }
 
 // ---- the lane-tiled kernel (qlinear.h): L activation rows, one per int32 lane ----
-
-QL_INLINE void store(const Tile& t, int64_t r, int64_t j, float value) {
-  const int64_t at = r * t.out_stride + j;
-  switch (t.out_dtype) {
-    case DType::f32:
-      static_cast<float*>(t.out)[at] = value;
-      break;
-    case DType::f16:
-      static_cast<Half*>(t.out)[at] = to_half(value);
-      break;
-    case DType::bf16:
-      static_cast<BFloat*>(t.out)[at] = to_bf16(value);
-      break;
-  }
-}
 
 // The codes of output features j0 .. j0 + NT - 1 as bytes in packed order: 8-bit
 // rows as stored; 4-bit rows unpacked into buf ([NT, k_padded]; byte i of each
