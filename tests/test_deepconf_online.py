@@ -59,14 +59,14 @@ def test_online_equals_the_replay_of_full_paths(keep, tau, batch):
     assert s.pages_in_use == (s.prefix.num_pages if s.prefix is not None else 0)
 
 
-@pytest.mark.parametrize("kw,arg", [(dict(n=1), "n"), (dict(warmup=12), "warmup"), (dict(window=0), "window"),
-                                    (dict(keep=100), "keep"), (dict(batch=0), "batch")])
+@pytest.mark.parametrize("kw,arg", [(dict(n=1), "n"), (dict(prompt="  "), "prompt"), (dict(warmup=12), "warmup"),
+                                    (dict(window=0), "window"), (dict(keep=100), "keep"), (dict(batch=0), "batch")])
 def test_bad_arguments_name_them(kw, arg):
     call = dict(n=12, keep=10.0)
     call.update(kw)
-    n = call.pop("n")
-    with pytest.raises(ValueError, match=arg):
-        deepconf_online(session(), PROMPT, n, SamplingParams(max_new_tokens=8), chat=False, **call)
+    n, prompt = call.pop("n"), call.pop("prompt", PROMPT)
+    with pytest.raises(ValueError, match=f"^{arg}:"):
+        deepconf_online(session(), prompt, n, SamplingParams(max_new_tokens=8), chat=False, **call)
 
 
 @pytest.mark.parametrize("budget_pages,tau", [(None, 0.95), (None, None), (40, None), (10, None)])

@@ -78,6 +78,7 @@ class OnlineSearch:
         self.consensus_stop = False
         self.phase = "warmup"  # "warmup" -> "search" -> "done"
         self._texts: dict[int, str] = {}
+        require(not isinstance(prompt, str) or prompt.strip() != "", "prompt", "is empty")
         # tokenized once: every start of this search passes the same ids
         self.prompt_ids = session.engine.encode(prompt, chat=chat) if isinstance(prompt, str) else list(prompt)
         require(len(self.prompt_ids) > 0, "prompt", "has no tokens")
