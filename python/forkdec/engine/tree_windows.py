@@ -61,11 +61,10 @@ class TreeWindows:
         self.cache, self.page_size = cache, page_size
         self.residual = cache.kind.residual
 
-    def read_count(self, path, before_step: bool = True) -> int:
+    def read_count(self, path) -> int:
         """Leading pages of the path's chain it reads quantized in this step (its q at the last
         flush: the token just written is not counted)."""
-        tokens = path.leaf.end - (1 if before_step else 0)
-        return quantized_pages(tokens, self.residual, self.page_size, path.quant_floor)
+        return quantized_pages(path.leaf.end - 1, self.residual, self.page_size, path.quant_floor)
 
     def settle(self, live) -> None:
         """After a step (or a stop): write the quantized copies that some path's q(L) has reached,
