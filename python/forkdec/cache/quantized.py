@@ -456,9 +456,7 @@ class QuantizedKVCache:
             slot = int(self.slot_of[page])
             if slot < 0:
                 continue
-            if not bool(self.quant[page]):
-                with torch.inference_mode():
-                    self._quantize_page(page, keep_window=True)
+            self.quantize([page])
             self.slot_of[page] = -1
             self._free_slots.append(slot)
 
