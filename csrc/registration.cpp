@@ -87,6 +87,13 @@ TORCH_LIBRARY(forkdec, m) {
   // Linear layer on GGUF block-quantized weights packed by forkdec.ops.qlinear
   // (layout: csrc/cpu/qlinear.h): x [..., k] -> [..., N] in out_dtype (x's dtype
   // when None). bits 4 (Q4_0, Q4_1) or 8 (Q8_0); bias fp32-convertible [N].
-  m.def("qlinear(Tensor x, Tensor codes, Tensor scale, Tensor offset, int bits, int k, Tensor? bias, "
+  // The decoder layers of a Llama-family model for one step on a paged KV cache
+  // with cascade attention (csrc/cpu/llama_layers_op.cpp): x [T, hidden] ->
+  // (x, residual) before the final norm. Semantics: LlamaModel.forward's loop.
+  m.def("llama_layers(Tensor x, Tensor cos, Tensor sin, Tensor[] weights, int[] qbits, int num_q_heads, "
+        "int num_kv_heads, float eps, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor slots, "
+        "Tensor[] qo_indptr, Tensor[] kv_indptr, Tensor[] kv_indices, Tensor[] kv_last_page_len, bool[] causal, "
+        "Tensor?[] custom_mask, float sm_scale) -> (Tensor x, Tensor residual)");
+  m.def("qlinear(Tensor x, Tensor codes, Tensor scale, Tensor offset, int bits, int k, int n, Tensor? bias, "
         "ScalarType? out_dtype) -> Tensor");
 }

@@ -63,13 +63,41 @@ def _xquant(g):
 
 def _qlinear(g):
     """x [3, 64] (a non-contiguous view) times a random Q4_1-shaped packed weight [5, 64], with a bias."""
-    from forkdec.qweight import QuantizedWeight
-    n, k, kp = 5, 64, 128  # packed rows are padded to whole superblocks of 128
-    codes = torch.randint(0, 256, (n, kp // 2), generator=g, dtype=torch.uint8)
-    w = QuantizedWeight(codes, torch.rand(n, kp // 32, generator=g) * 0.01,
-                        torch.randn(n, kp // 32, generator=g) * 0.01, 4, k, "Q4_1")
+    from forkdec.qweight import TILE, QuantizedWeight
+    n, k = 5, 64  # one tile of 16 features, 11 of them padding; 2 blocks of 256 code bytes
+    codes = torch.randint(0, 256, (1, k // 32 * TILE * 16), generator=g, dtype=torch.uint8)
+    w = QuantizedWeight(codes, (torch.rand(1, k // 32 * TILE, generator=g) * 0.01).half(),
+                        (torch.randn(1, k // 32 * TILE, generator=g) * 0.01).half(), 4, k, "Q4_1", n)
     x = torch.randn(k, 3, generator=g).t()
-    return (x, w.codes, w.scale, w.offset, w.bits, w.k, torch.randn(n, generator=g), None)
+    return (x, w.codes, w.scale, w.offset, w.bits, w.k, w.n, torch.randn(n, generator=g), None)
+
+
+def _llama_layers(g):
+    """Two layers (hidden 32, 2 q heads and 1 kv head of 32, intermediate 32) on a paged cache of 2
+    pages of 4: layer 0 on random Q4_1-shaped blocks without a qkv bias, layer 1 dense with one;
+    two requests of one new token each (slots 1 and 5), one cascade level."""
+    from forkdec.qweight import TILE
+    hidden, hq, hkv, d, inter = 32, 2, 1, 32, 32
+
+    def blocks(n, k):
+        tiles = -(-n // TILE)
+        return [torch.randint(0, 256, (tiles, k // 32 * TILE * 16), generator=g, dtype=torch.uint8),
+                (torch.rand(tiles, k // 32 * TILE, generator=g) * 0.05).half(),
+                (torch.randn(tiles, k // 32 * TILE, generator=g) * 0.05).half()]
+
+    def dense(n, k):
+        return [torch.randn(n, k, generator=g) / 8, torch.empty(0), torch.empty(0)]
+
+    qkv_n = (hq + 2 * hkv) * d
+    weights = []
+    for make, bias in ((blocks, torch.empty(0)), (dense, torch.randn(qkv_n, generator=g))):
+        weights += [torch.rand(hidden, generator=g) + 0.5, torch.rand(hidden, generator=g) + 0.5, bias]
+        weights += make(qkv_n, hidden) + make(hidden, hq * d) + make(2 * inter, hidden) + make(hidden, inter)
+    caches = [torch.randn(2, 4, hkv, d, generator=g) for _ in range(4)]
+    angles = torch.rand(2, d // 2, generator=g)
+    return (torch.randn(2, hidden, generator=g), angles.cos(), angles.sin(), weights, [4, 4, 4, 4, 0, 0, 0, 0],
+            hq, hkv, 1e-5, caches[:2], caches[2:], torch.tensor([1, 5]), [_i32([0, 1, 2])], [_i32([0, 1, 2])],
+            [_i32([0, 1])], [_i32([2, 2])], [False], [None], 0.25)
 
 
 def samples(triton: bool) -> list[tuple[str, str, tuple]]:
@@ -107,6 +135,8 @@ def samples(triton: bool) -> list[tuple[str, str, tuple]]:
                 (logits, torch.rand(4, generator=g), torch.tensor([0, 0, 2, 1]), 0.8, None, 0,
                  torch.tensor([0, 3, 0, 7]), 0.9, None, 0.0, None, 5)))
     out.append(("qlinear", "qlinear" + sfx, _qlinear(g)))
+    if not triton:
+        out.append(("llama_layers", "llama_layers", _llama_layers(g)))
     tokens, parents, indptr, tree_logits = _tree(g)
     out.append(("verify_tree_greedy", "verify_tree_greedy" + sfx, (tokens, parents, indptr, tree_logits, 2)))
     probs = torch.softmax(tree_logits, -1)

@@ -47,9 +47,9 @@ def _int8_exact_x(m, k, g):
 @needs_ext
 @pytest.mark.parametrize("qtype", list(GGML))
 @pytest.mark.parametrize("isa", ["avx2", "avx512", "scalar"])
-# 1-2 rows: the per-row kernel; 3..8: lane groups of 8; 9+: of 16 on avx512 (8 elsewhere),
-# with partly filled last groups (17, 33) and several groups (33, 64).
-@pytest.mark.parametrize("m", [1, 2, 3, 8, 9, 16, 17, 33, 64])
+# Rows go 8 at a time with avx512 (4 with avx2 and scalar): whole groups (4, 8, 16, 64) and
+# every remainder (1, 2, 3, 9 = 8 + 1, 17, 33, and 7 = 4 + 3 elsewhere).
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 7, 8, 9, 16, 17, 33, 64])
 def test_cpu_is_exact_on_int8_representable_activations(qtype, isa, m):
     ext = forkdec._extension.load()
     if isa not in ext.available_cpu_isas():
@@ -137,7 +137,7 @@ def test_kernel_checks_hold_without_validation():
     w = pack_gguf(_raw("Q4_1", 4, 64), 3, (4, 64))
     with forkdec.validation(False), pytest.raises(RuntimeError, match="x must be"):
         ops.qlinear(torch.randn(2, 96), w, backend="cpu")
-    bad = QuantizedWeight(w.codes[:, :16].contiguous(), w.scale, w.offset, 4, 64, "Q4_1")
+    bad = QuantizedWeight(w.codes[:, :16].contiguous(), w.scale, w.offset, 4, 64, "Q4_1", 4)
     with forkdec.validation(False), pytest.raises(RuntimeError, match="codes must be"):
         ops.qlinear(torch.randn(2, 64), bad, backend="cpu")
 
@@ -147,7 +147,7 @@ def test_torch_compile_traces_the_op():
     """The C++ op has a fake implementation: it traces into one graph."""
     w = pack_gguf(_raw("Q8_0", 16, 128), 8, (16, 128))
     op = torch.ops.forkdec.qlinear
-    f = torch.compile(lambda x: op(x, w.codes, w.scale, w.offset, w.bits, w.k, None, None) * 2, backend="eager",
+    f = torch.compile(lambda x: op(x, w.codes, w.scale, w.offset, w.bits, w.k, w.n, None, None) * 2, backend="eager",
                       fullgraph=True)
     x = torch.randn(3, 128)
     torch.testing.assert_close(f(x), ops.qlinear(x, w, backend="cpu") * 2)
@@ -218,9 +218,9 @@ from triton.compiler import ASTSource
 import forkdec.triton_kernels.qlinear as k
 
 for dtype in ("fp32", "bf16", "fp16"):
-    sig = {"x_ptr": "*" + dtype, "codes_ptr": "*u8", "scale_ptr": "*fp32", "offset_ptr": "*fp32", "bias_ptr": "*fp32",
-           "out_ptr": "*" + dtype, "M": "i32", "N": "i32", "K": "i32", "x_stride": "i32", "code_bytes": "i32",
-           "blocks": "i32", "BITS": "constexpr", "HAS_BIAS": "constexpr", "FP32_DOT": "constexpr",
+    sig = {"x_ptr": "*" + dtype, "codes_ptr": "*u8", "scale_ptr": "*fp16", "offset_ptr": "*fp16", "bias_ptr": "*fp32",
+           "out_ptr": "*" + dtype, "M": "i32", "N": "i32", "K": "i32", "x_stride": "i32", "code_row": "i32",
+           "scale_row": "i32", "BITS": "constexpr", "HAS_BIAS": "constexpr", "FP32_DOT": "constexpr",
            "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"}
     for arch in (80, 90):
         for bits in (4, 8):

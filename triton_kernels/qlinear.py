@@ -22,42 +22,34 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 @triton.jit
 def _qlinear_kernel(x_ptr, codes_ptr, scale_ptr, offset_ptr, bias_ptr, out_ptr, M, N, K, x_stride,
-                    code_bytes, blocks, BITS: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr,
+                    code_row, scale_row, BITS: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok, n_ok = rm < M, rn < N
-    j = tl.arange(0, 64)
-    # Chunk order inside a 128-element superblock: the lo part (position j < 64)
-    # holds elements j, j + 32 (j >= 32); the hi part the 32 after each.
-    lo_col = j + 32 * (j >= 32)
-    chunk = j // 32
+    i = tl.arange(0, 32)  # position in a GGUF block
+    tile, f = rn // 16, rn % 16
+    # Tiled layout (forkdec.qweight): per tile and block, 64-byte vectors of 4 codes per feature;
+    # 4-bit: vector (i % 16) // 4, high nibble for i >= 16; 8-bit: vector i // 4.
+    if BITS == 4:
+        at = (tile * code_row)[:, None] + (((i % 16) // 4) * 64 + i % 4)[None, :] + (f * 4)[:, None]
+        shift = ((i >= 16) * 4)[None, :]
+    else:
+        at = (tile * code_row)[:, None] + ((i // 4) * 64 + i % 4)[None, :] + (f * 4)[:, None]
+    s_at = tile * scale_row + f
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for sb in range(0, tl.cdiv(K, 128)):
-        col = sb * 128 + lo_col
-        xl = tl.load(x_ptr + rm[:, None] * x_stride + col[None, :], mask=m_ok[:, None] & (col < K)[None, :],
-                     other=0.0)
-        xh = tl.load(x_ptr + rm[:, None] * x_stride + col[None, :] + 32,
-                     mask=m_ok[:, None] & (col + 32 < K)[None, :], other=0.0)
+    for b in range(0, K // 32):
+        xb = tl.load(x_ptr + rm[:, None] * x_stride + b * 32 + i[None, :], mask=m_ok[:, None], other=0.0)
+        code = tl.load(codes_ptr + at + b * (BITS * 64), mask=n_ok[:, None], other=0)
         if BITS == 4:
-            byte = tl.load(codes_ptr + rn[:, None] * code_bytes + sb * 64 + j[None, :], mask=n_ok[:, None], other=0)
-            ql = byte & 15
-            qh = byte >> 4
-        else:
-            base = codes_ptr + rn[:, None] * code_bytes + sb * 128 + j[None, :]
-            ql = tl.load(base, mask=n_ok[:, None], other=0)
-            qh = tl.load(base + 64, mask=n_ok[:, None], other=0)
-        s_at = rn[:, None] * blocks + sb * 4 + chunk[None, :]
-        wl = ql.to(tl.float32) * tl.load(scale_ptr + s_at, mask=n_ok[:, None], other=0.0) \
-            + tl.load(offset_ptr + s_at, mask=n_ok[:, None], other=0.0)
-        wh = qh.to(tl.float32) * tl.load(scale_ptr + s_at + 2, mask=n_ok[:, None], other=0.0) \
-            + tl.load(offset_ptr + s_at + 2, mask=n_ok[:, None], other=0.0)
+            code = (code >> shift) & 15
+        d = tl.load(scale_ptr + s_at + b * 16, mask=n_ok, other=0.0).to(tl.float32)
+        c = tl.load(offset_ptr + s_at + b * 16, mask=n_ok, other=0.0).to(tl.float32)
+        w = code.to(tl.float32) * d[:, None] + c[:, None]
         if FP32_DOT:
-            acc += tl.dot(xl.to(tl.float32), tl.trans(wl), input_precision="ieee")
-            acc += tl.dot(xh.to(tl.float32), tl.trans(wh), input_precision="ieee")
+            acc += tl.dot(xb.to(tl.float32), tl.trans(w), input_precision="ieee")
         else:
-            acc += tl.dot(xl, tl.trans(wl.to(x_ptr.dtype.element_ty)))
-            acc += tl.dot(xh, tl.trans(wh.to(x_ptr.dtype.element_ty)))
+            acc += tl.dot(xb, tl.trans(w.to(x_ptr.dtype.element_ty)))
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0)[None, :]
     tl.store(out_ptr + rm[:, None] * N + rn[None, :], acc.to(out_ptr.dtype.element_ty),
@@ -66,7 +58,7 @@ def _qlinear_kernel(x_ptr, codes_ptr, scale_ptr, offset_ptr, bias_ptr, out_ptr, 
 
 def qlinear_rows(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int,
                  k: int, bias: Optional[torch.Tensor], out: torch.Tensor) -> None:
-    m, n = x.shape[0], codes.shape[0]
+    m, n = out.shape
     block_m = 16 if m <= 16 else 32
     block_n = 32
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))

@@ -25,26 +25,26 @@ DType dtype_of(at::ScalarType type, const char* name) {
 }
 
 at::Tensor qlinear_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
-                       const at::Tensor& offset, int64_t bits, int64_t k, const std::optional<at::Tensor>& bias,
-                       std::optional<at::ScalarType> out_dtype) {
+                       const at::Tensor& offset, int64_t bits, int64_t k, int64_t n,
+                       const std::optional<at::Tensor>& bias, std::optional<at::ScalarType> out_dtype) {
   const char* op = "forkdec::qlinear";
   const DType xdtype = dtype_of(x.scalar_type(), "x");
   const at::ScalarType otype = out_dtype.value_or(x.scalar_type());
   const DType odtype = dtype_of(otype, "out_dtype");
   TORCH_CHECK(bits == 4 || bits == 8, op, ": bits must be 4 or 8, got ", bits);
   TORCH_CHECK(k > 0 && k % kQBlock == 0, op, ": k must be a positive multiple of 32, got ", k);
+  TORCH_CHECK(n >= 0, op, ": n must be non-negative, got ", n);
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == k, op, ": x must be [..., ", k, "], got ", x.sizes());
-  const int64_t kp = (k + kQSuperblock - 1) / kQSuperblock * kQSuperblock, blocks = kp / kQBlock;
+  const int64_t tiles = qlinear_tiles(n), blocks = k / kQBlock;
   TORCH_CHECK(codes.scalar_type() == at::kByte && codes.dim() == 2 && codes.is_contiguous() &&
-                  codes.size(1) == kp * bits / 8,
-              op, ": codes must be contiguous uint8 [N, ", kp * bits / 8, "], got ", codes.scalar_type(), " ",
-              codes.sizes());
-  const int64_t n = codes.size(0);
+                  codes.size(0) == tiles && codes.size(1) == blocks * kQTile * kQBlock * bits / 8,
+              op, ": codes must be contiguous uint8 [", tiles, ", ", blocks * kQTile * kQBlock * bits / 8,
+              "], got ", codes.scalar_type(), " ", codes.sizes());
   for (const at::Tensor* t : {&scale, &offset}) {
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 2 && t->size(0) == n &&
-                    t->size(1) == blocks,
-                op, ": scale and offset must be contiguous float32 [", n, ", ", blocks, "], got ", t->scalar_type(),
-                " ", t->sizes());
+    TORCH_CHECK(t->scalar_type() == at::kHalf && t->is_contiguous() && t->dim() == 2 && t->size(0) == tiles &&
+                    t->size(1) == blocks * kQTile,
+                op, ": scale and offset must be contiguous float16 [", tiles, ", ", blocks * kQTile, "], got ",
+                t->scalar_type(), " ", t->sizes());
   }
   at::Tensor b;
   if (bias.has_value()) {
@@ -54,7 +54,7 @@ at::Tensor qlinear_cpu(const at::Tensor& x, const at::Tensor& codes, const at::T
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = n;
   at::Tensor out = at::empty(shape, x.options().dtype(otype));
-  const int64_t m = k ? x.numel() / k : 0;
+  const int64_t m = x.numel() / k;
   if (m == 0 || n == 0) return out;
   at::Tensor x2 = x.reshape({m, k});
   if (x2.stride(1) != 1) x2 = x2.contiguous();
@@ -62,20 +62,19 @@ at::Tensor qlinear_cpu(const at::Tensor& x, const at::Tensor& codes, const at::T
   // The scratch lives as long as the thread: a decode step calls this ~120
   // times with a few KB each, which malloc would otherwise serve every time.
   thread_local std::vector<uint8_t> scratch;
-  const int64_t lanes = qlinear_lanes(m), rows = qlinear_scratch_rows(m, lanes);
-  const size_t need = static_cast<size_t>(qlinear_scratch_bytes(m, kp, lanes));
+  const size_t need = static_cast<size_t>(qlinear_scratch_bytes(m, k));
   if (scratch.size() < need) scratch.resize(need);
   void* s = scratch.data();
   const int64_t x_grain = std::max<int64_t>(1, kGrainMacs / (32 * k));
-  at::parallel_for(0, rows, x_grain, [&](int64_t begin, int64_t end) {
-    qlinear_quantize_rows(x2.const_data_ptr(), xdtype, x2.stride(0), k, kp, begin, end, m, lanes, s);
+  at::parallel_for(0, m, x_grain, [&](int64_t begin, int64_t end) {
+    qlinear_quantize_rows(x2.const_data_ptr(), xdtype, x2.stride(0), k, begin, end, m, s);
   });
-  const QWeightView w{codes.const_data_ptr<uint8_t>(), scale.const_data_ptr<float>(),
-                      offset.const_data_ptr<float>(), static_cast<int>(bits), n, k, kp};
+  const QWeightView w{codes.const_data_ptr<uint8_t>(), reinterpret_cast<const Half*>(scale.const_data_ptr()),
+                      reinterpret_cast<const Half*>(offset.const_data_ptr()), static_cast<int>(bits), n, k};
   const float* bp = b.defined() ? b.const_data_ptr<float>() : nullptr;
-  const int64_t grain = std::max<int64_t>(1, kGrainMacs / (m * k));
-  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
-    qlinear_rows(w, s, m, lanes, begin, end, bp, out.mutable_data_ptr(), odtype, n);
+  const int64_t grain = std::max<int64_t>(1, kGrainMacs / (m * k * kQTile));
+  at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
+    qlinear_tile_range(w, s, m, begin, end, bp, out.mutable_data_ptr(), odtype, n);
   });
   return out;
 }

@@ -4,9 +4,9 @@
 // from the layout's definition. Activations that int8 represents exactly
 // (integers with a block maximum of 127) must give the exact product to fp32
 // accumulation error; random activations must stay within the bound of their
-// rounding, sum_b d_b / 2 * sum |w_b|. Widths cover whole superblocks and
-// tails of 1, 2 and 3 blocks; output rows are split into ranges as threads
-// would. Exits non-zero on failure.
+// rounding, sum_b d_b / 2 * sum |w_b|. Widths of 1 to 20 blocks, output
+// features filling a tile of 16, part of one, and several; the tiles are split
+// into ranges as threads would. Exits non-zero on failure.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -30,40 +30,40 @@ void check(bool ok, const std::string& what) {
 
 struct Packed {
   std::vector<uint8_t> codes;
-  std::vector<float> scale, offset;
+  std::vector<fc::Half> scale, offset;
   fc::QWeightView view;
 };
 
-// Value of weight (j, e) from the packed layout.
+// Value of weight (j, e) from the tiled layout (qlinear.h).
 double weight_at(const Packed& p, int64_t j, int64_t e) {
   const fc::QWeightView& w = p.view;
-  static const int64_t chunk_of_block[4] = {0, 2, 1, 3};
-  const int64_t sb = e / 128, r = e % 128, chunk = chunk_of_block[r / 32], pos = chunk * 32 + r % 32;
+  const int64_t nb = w.k / 32, tile = j / 16, f = j % 16, b = e / 32, i = e % 32;
+  const int64_t block = tile * nb + b;
   int code;
   if (w.bits == 4) {
-    const uint8_t byte = p.codes[j * (w.k_padded / 2) + sb * 64 + pos % 64];
-    code = pos < 64 ? (byte & 15) : (byte >> 4);
+    const uint8_t byte = p.codes[block * 256 + (i % 16) / 4 * 64 + f * 4 + i % 4];
+    code = i < 16 ? (byte & 15) : (byte >> 4);
   } else {
-    code = p.codes[j * w.k_padded + sb * 128 + pos];
+    code = p.codes[block * 512 + i / 4 * 64 + f * 4 + i % 4];
   }
-  const int64_t s = j * (w.k_padded / 32) + sb * 4 + chunk;
-  return double(code) * p.scale[s] + p.offset[s];
+  return double(code) * fc::to_float(p.scale[block * 16 + f]) + fc::to_float(p.offset[block * 16 + f]);
 }
 
 Packed make_weight(std::mt19937& rng, int bits, int64_t n, int64_t k) {
   Packed p;
-  const int64_t kp = (k + 127) / 128 * 128;
-  p.codes.resize(n * kp * bits / 8);
+  const int64_t tiles = fc::qlinear_tiles(n), nb = k / 32;
+  p.codes.resize(tiles * nb * 16 * 32 * bits / 8);
   std::uniform_int_distribution<int> byte(0, 255);
   for (auto& c : p.codes) c = static_cast<uint8_t>(byte(rng));
   std::uniform_real_distribution<float> u(-1.0f, 1.0f);
-  p.scale.resize(n * kp / 32);
-  p.offset.resize(n * kp / 32);
+  p.scale.resize(tiles * nb * 16);
+  p.offset.resize(tiles * nb * 16);
   for (size_t i = 0; i < p.scale.size(); ++i) {
-    p.scale[i] = 0.01f * (1.5f + u(rng));
-    p.offset[i] = bits == 8 ? -128.0f * p.scale[i] : 0.1f * u(rng);
+    const float d = 0.01f * (1.5f + u(rng));
+    p.scale[i] = fc::to_half(d);
+    p.offset[i] = fc::to_half(bits == 8 ? -128.0f * fc::to_float(p.scale[i]) : 0.1f * u(rng));
   }
-  p.view = {p.codes.data(), p.scale.data(), p.offset.data(), bits, n, k, kp};
+  p.view = {p.codes.data(), p.scale.data(), p.offset.data(), bits, n, k};
   return p;
 }
 
@@ -80,14 +80,11 @@ void run_case(std::mt19937& rng, const std::string& isa, int bits, int64_t m, in
   }
   std::vector<float> bias(n);
   for (int64_t j = 0; j < n; ++j) bias[j] = 0.25f * static_cast<float>(j % 3);
-  // the op's own choice of row layout: one row at a time below 3 rows, lane groups from 3
-  const int64_t lanes = fc::qlinear_lanes(m), rows = fc::qlinear_scratch_rows(m, lanes);
-  std::vector<uint8_t> scratch(fc::qlinear_scratch_bytes(m, w.view.k_padded, lanes));
-  fc::qlinear_quantize_rows(x.data(), fc::DType::f32, k, k, w.view.k_padded, 0, rows, m, lanes, scratch.data());
+  std::vector<uint8_t> scratch(fc::qlinear_scratch_bytes(m, k));
+  fc::qlinear_quantize_rows(x.data(), fc::DType::f32, k, k, 0, m, m, scratch.data());
   std::vector<float> out(m * n, -1e30f);
-  for (int64_t j0 = 0; j0 < n; j0 += 3) {  // ranges of output rows, as threads take them
-    fc::qlinear_rows(w.view, scratch.data(), m, lanes, j0, std::min(n, j0 + 3), bias.data(), out.data(),
-                     fc::DType::f32, n);
+  for (int64_t t0 = 0; t0 < fc::qlinear_tiles(n); t0 += 2) {  // ranges of tiles, as threads take them
+    fc::qlinear_tile_range(w.view, scratch.data(), m, t0, t0 + 2, bias.data(), out.data(), fc::DType::f32, n);
   }
   for (int64_t r = 0; r < m; ++r) {
     for (int64_t j = 0; j < n; ++j) {
@@ -128,10 +125,11 @@ int main() {
     fc::qlinear_allow_vnni(vnni);
     const std::string name = std::string(fc::isa_name(isa)) + (vnni ? "" : "-novnni");
     for (int bits : {4, 8}) {
-      for (int64_t k : {32, 64, 96, 128, 160, 576, 640}) {
-        for (int64_t m : {1, 2, 3, 4, 6, 9, 17}) {
+      for (int64_t k : {32, 64, 96, 160, 576, 640}) {
+        for (int64_t m : {1, 2, 3, 4, 7, 8, 9, 17}) {
           run_case(rng, name, bits, m, 7, k, true);
-          run_case(rng, name, bits, m, 5, k, false);
+          run_case(rng, name, bits, m, 16, k, true);
+          run_case(rng, name, bits, m, 37, k, false);
         }
       }
     }

@@ -36,7 +36,7 @@ from hypothesis import strategies as st
 
 import forkdec
 from forkdec import ops
-from forkdec.qweight import BLOCK, SUPERBLOCK
+from forkdec.qweight import BLOCK, TILE
 
 CascadeLevel = importlib.import_module("forkdec.ops.attention").CascadeLevel
 CORPUS = Path(__file__).resolve().parent / "corpus"
@@ -418,15 +418,18 @@ def run_sample_with_logprobs(case: dict) -> None:
 
 @st.composite
 def qlinear_case(draw):
-    # m up to 20: the per-row kernel (1-2), lane groups of 8 (3-8) and of 16 on avx512 (9-20: two groups)
-    n, blocks, m = draw(st.integers(0, 6)), draw(st.integers(0, 4)), draw(st.integers(0, 20))
+    # m up to 20: rows 8 at a time with avx512 (4 elsewhere) and every remainder; n past a tile of 16
+    n, blocks, m = draw(st.integers(0, 20)), draw(st.integers(0, 4)), draw(st.integers(0, 20))
     def rarely(strategy):  # one corruption in five: most inputs are well formed and compute
         return st.one_of(st.none(), st.none(), st.none(), st.none(), strategy)
     return {"seed": draw(seeds), "n": n, "k": 32 * blocks, "m": m,
             "bits": draw(st.sampled_from([4, 8, 4, 8, 4, 8, 4, 8, 3, 0, -1, 16])),
             "k_arg": draw(rarely(st.integers(-40, 200))),
-            "codes_cols": draw(rarely(st.integers(0, 80))),
-            "scale_cols": draw(rarely(st.integers(0, 6))),
+            "n_arg": draw(rarely(st.integers(-3, 40))),
+            "tiles": draw(rarely(st.integers(0, 3))),
+            "codes_cols": draw(rarely(st.integers(0, 2100))),
+            "scale_cols": draw(rarely(st.integers(0, 70))),
+            "scale_dtype": draw(st.sampled_from(["float16"] * 7 + ["float32"])),
             "x_cols": draw(rarely(st.integers(0, 200))),
             "bias_len": draw(st.one_of(st.none(), st.just(-1), st.just(-1), rarely(st.integers(0, 8)))),
             "dtype": draw(st.sampled_from(["float32", "bfloat16", "float16"])),
@@ -435,23 +438,90 @@ def qlinear_case(draw):
 
 def run_qlinear(case: dict) -> None:
     g = _gen(case)
-    bits, k = case["bits"], case["k"]
-    kp = -(-k // SUPERBLOCK) * SUPERBLOCK  # packed rows are padded to whole superblocks (forkdec.qweight)
-    cols = case["codes_cols"] if case["codes_cols"] is not None else kp * (bits if bits in (4, 8) else 4) // 8
-    blocks = case["scale_cols"] if case["scale_cols"] is not None else kp // BLOCK
-    codes = torch.randint(0, 256, (case["n"], cols), generator=g, dtype=torch.uint8)
-    scale = torch.rand(case["n"], blocks, generator=g)
-    offset = torch.randn(case["n"], blocks, generator=g)
+    bits, k, n = case["bits"], case["k"], case["n"]
+    tiles = case["tiles"] if case["tiles"] is not None else -(-n // TILE)  # packed in tiles of 16 (forkdec.qweight)
+    cols = case["codes_cols"] if case["codes_cols"] is not None else \
+        k // BLOCK * TILE * BLOCK * (bits if bits in (4, 8) else 4) // 8
+    blocks = case["scale_cols"] if case["scale_cols"] is not None else k // BLOCK * TILE
+    codes = torch.randint(0, 256, (tiles, cols), generator=g, dtype=torch.uint8)
+    scale = torch.rand(tiles, blocks, generator=g).to(getattr(torch, case["scale_dtype"]))
+    offset = torch.randn(tiles, blocks, generator=g).to(getattr(torch, case["scale_dtype"]))
     x = torch.randn(case["m"], case["x_cols"] if case["x_cols"] is not None else k, generator=g)
     x = x.to(getattr(torch, case["dtype"]))
     _poke(x, case["specials"], g)
-    bias = None if case["bias_len"] is None else torch.randn(max(case["n"] if case["bias_len"] < 0 else
+    bias = None if case["bias_len"] is None else torch.randn(max(n if case["bias_len"] < 0 else
                                                                  case["bias_len"], 0), generator=g)
     k_arg = k if case["k_arg"] is None else case["k_arg"]
+    n_arg = n if case["n_arg"] is None else case["n_arg"]
     with forkdec.validation(False):
-        y = torch.ops.forkdec.qlinear(x, codes, scale, offset, bits, k_arg, bias, None)
-    if tuple(y.shape) != (case["m"], case["n"]):
-        raise Finding(f"qlinear: output {tuple(y.shape)}, expected ({case['m']}, {case['n']})")
+        y = torch.ops.forkdec.qlinear(x, codes, scale, offset, bits, k_arg, n_arg, bias, None)
+    if tuple(y.shape) != (case["m"], n_arg):
+        raise Finding(f"qlinear: output {tuple(y.shape)}, expected ({case['m']}, {n_arg})")
+
+
+@st.composite
+def llama_layers_case(draw):
+    # a valid 0-2 layer stack (hidden 32/64, 1-2 kv heads of 32, T 0-3 new tokens), then at most a
+    # few corruptions of its lists, shapes and slots
+    def rarely(strategy):
+        return st.one_of(st.none(), st.none(), st.none(), strategy)
+    return {"seed": draw(seeds), "layers": draw(st.integers(0, 2)), "hidden": draw(st.sampled_from([32, 64])),
+            "hkv": draw(st.integers(1, 2)), "group": draw(st.integers(1, 2)), "t": draw(st.integers(0, 3)),
+            "dense": draw(st.lists(st.booleans(), min_size=4, max_size=4)),
+            "bits": draw(rarely(st.lists(st.sampled_from([0, 4, 8, 3, -1]), min_size=0, max_size=9))),
+            "drop_weight": draw(rarely(st.integers(0, 30))),
+            "qkv_rows": draw(rarely(st.integers(0, 300))),
+            "x_cols": draw(rarely(st.integers(0, 80))),
+            "caches": draw(rarely(st.integers(0, 3))),
+            "cache_d": draw(rarely(st.sampled_from([16, 32, 64]))),
+            "slots": draw(rarely(st.lists(st.integers(-3, 20), min_size=0, max_size=4))),
+            "dtype": draw(st.sampled_from(["float32", "bfloat16"]))}
+
+
+def run_llama_layers(case: dict) -> None:
+    g = _gen(case)
+    dtype = getattr(torch, case["dtype"])
+    layers, hidden, hkv, d, t = case["layers"], case["hidden"], case["hkv"], 32, case["t"]
+    hq, inter, pages, page_size = hkv * case["group"], 32, 3, 4
+
+    def matrix(n, k, dense):
+        if dense:
+            return [_rand((n, k), g, dtype), torch.empty(0, dtype=dtype), torch.empty(0, dtype=dtype)], 0
+        tiles = -(-n // TILE)
+        return [torch.randint(0, 256, (tiles, k // BLOCK * TILE * 16), generator=g, dtype=torch.uint8),
+                (torch.rand(tiles, k // BLOCK * TILE, generator=g) * 0.05).half(),
+                (torch.rand(tiles, k // BLOCK * TILE, generator=g) * 0.05).half()], 4
+
+    weights, bits = [], []
+    qkv_rows = (hq + 2 * hkv) * d if case["qkv_rows"] is None else case["qkv_rows"]
+    for _ in range(layers):
+        weights += [torch.ones(hidden, dtype=dtype), torch.ones(hidden, dtype=dtype), torch.empty(0, dtype=dtype)]
+        for (n, k), dense in zip(((qkv_rows, hidden), (hidden, hq * d), (2 * inter, hidden), (hidden, inter)),
+                                 case["dense"]):
+            w, b = matrix(n, k, dense)
+            weights += w
+            bits.append(b)
+    if case["drop_weight"] is not None and weights:
+        del weights[case["drop_weight"] % len(weights)]
+    if case["bits"] is not None:
+        bits = case["bits"]
+    cd = d if case["cache_d"] is None else case["cache_d"]
+    caches = [_rand((pages, page_size, hkv, cd), g, dtype) for _ in range(2 * layers)]
+    k_caches, v_caches = caches[:layers], caches[layers:]
+    if case["caches"] is not None:
+        v_caches = (v_caches + [_rand((pages, page_size, hkv, cd), g, dtype)] * 3)[:case["caches"]]
+    x = _rand((t, hidden if case["x_cols"] is None else case["x_cols"]), g, dtype)
+    angles = torch.rand(t, d // 2, generator=g)
+    slots = torch.tensor(case["slots"] if case["slots"] is not None else [1 + 4 * (i % 2) + i // 2 for i in range(t)],
+                         dtype=torch.int64)
+    ones = list(range(t + 1))
+    level = (_i32(ones), _i32([0] + [min(i + 1, 2) for i in range(t)]), _i32([0, 1]), _i32([4] * t))
+    with forkdec.validation(False):
+        out, residual = torch.ops.forkdec.llama_layers(x, angles.cos(), angles.sin(), weights, bits, hq, hkv, 1e-5,
+                                                       k_caches, v_caches, slots, [level[0]], [level[1]],
+                                                       [level[2]], [level[3]], [False], [None], 0.2)
+    if tuple(out.shape) != tuple(x.shape) or tuple(residual.shape) != tuple(x.shape):
+        raise Finding(f"llama_layers: outputs {tuple(out.shape)}, {tuple(residual.shape)}, x {tuple(x.shape)}")
 
 
 @st.composite
@@ -698,7 +768,11 @@ OPS: dict[str, tuple[Any, Callable[[dict], None], tuple[str, ...]]] = {
     "sample_with_logprobs": (signals_case(), run_sample_with_logprobs,
                              ("logits", "uniforms", "row_ids", "temperature", "top_k", "top_p", "min_p", "num_top",
                               "top_logprobs")),
-    "qlinear": (qlinear_case(), run_qlinear, ("x", "codes", "scale", "offset", "bits", "k", "bias")),
+    "qlinear": (qlinear_case(), run_qlinear, ("x", "codes", "scale", "offset", "bits", "k", "n", "bias")),
+    "llama_layers": (llama_layers_case(), run_llama_layers,
+                     ("x", "weights", "qbits", "k_caches", "v_caches", "slots", "codes", "scale", "offset", "bits",
+                      "k", "n", "weight", "qkv", "k_cache", "v_cache", "kv_indptr", "kv_indices", "kv_last_page_len",
+                      "qo_indptr", "head dim", "residual", "mat1", "mat2", "cos", "sin")),
     "verify_tree_greedy": (tree_case(False), run_verify_greedy, TREE_ARGS),
     "verify_tree_sampling": (tree_case(True), run_verify_sampling, TREE_ARGS),
     "softmax": (softmax_case(), run_softmax, ("x", "dim", "temperature", "row_temperature")),

@@ -8,6 +8,7 @@ CascadePlan, once per step); every other layer runs with validation off.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -18,9 +19,21 @@ from forkdec.backends import resolve
 from forkdec.cache.batch import StepBatch
 from forkdec.cache.paged import PagedKVCache
 from forkdec.ops.attention import BACKENDS
-from forkdec.validation import validation, validation_enabled
+from forkdec.validation import require, validation, validation_enabled
 
 Attend = Callable[[int, Tensor, Tensor, Tensor], Tensor]
+
+
+@dataclass
+class PagedStep:
+    """A decode step's attention as data, for a model that loops over its layers in C++
+    (LlamaModel with torch.ops.forkdec.llama_layers): per layer append_kv(slots) into
+    k_caches[i] / v_caches[i], then plan.run. Set as `attend.paged_step` when the
+    cache is a PagedKVCache on the cpu backend; its inputs are checked already."""
+    k_caches: list[Tensor]
+    v_caches: list[Tensor]
+    slots: Tensor
+    plan: ops.CascadePlan
 
 
 def pick_backend(device: torch.device) -> str:
@@ -55,4 +68,12 @@ def make_attend(batch: StepBatch, cache, *, prefill: bool, backend: str = "auto"
                                      lv.kv_last_page_len, causal=True, backend=backend).to(dtype)
             return plan.run(q, k_cache, v_cache).to(dtype)
 
+    if plan is not None and plan.backend == "cpu":
+        if check[0]:  # what the first layer's append_kv would check of the step's own input
+            capacity = cache.num_pages * cache.page_size
+            slots = batch.slots
+            require(slots.dim() == 1 and not slots.is_floating_point() and (
+                slots.numel() == 0 or (int(slots.min()) >= 0 and int(slots.max()) < capacity)), "slots",
+                f"slot ids must be integers in [0, {capacity})")
+        attend.paged_step = PagedStep(cache.layers_k, cache.layers_v, batch.slots, plan)
     return attend

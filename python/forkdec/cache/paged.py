@@ -26,6 +26,8 @@ class PagedKVCache:
         # memory is never committed, so a generous budget costs nothing until used.
         self.k = torch.empty(shape, dtype=dtype, device=device)
         self.v = torch.empty(shape, dtype=dtype, device=device)
+        # Each layer's [num_pages, page_size, Hkv, D] views, made once (a step passes all of them).
+        self.layers_k, self.layers_v = list(self.k.unbind(0)), list(self.v.unbind(0))
         self.allocator = PageAllocator(num_pages)
 
     @staticmethod
@@ -51,7 +53,7 @@ class PagedKVCache:
 
     def layer(self, i: int) -> tuple[Tensor, Tensor]:
         """(k_cache, v_cache) of layer i, each [num_pages, page_size, Hkv, D], contiguous views."""
-        return self.k[i], self.v[i]
+        return self.layers_k[i], self.layers_v[i]
 
     def pages_for(self, tokens: int) -> int:
         return -(-tokens // self.page_size)

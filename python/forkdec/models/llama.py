@@ -96,6 +96,10 @@ class LlamaModel(nn.Module):
         # the int8 kernels read 4x fewer bytes and win while a product is bound by memory,
         # oneDNN's bf16 GEMM wins above (docs/models.md).
         self.qlinear_max_rows = 16
+        # Decode steps on a paged cpu cache loop over the layers in C++ (forkdec.ops.llama_layers,
+        # bitwise the Python loop); False keeps the Python loop everywhere.
+        self.cxx_layers = True
+        self._stack_tensors: dict[bool, tuple[list[Tensor], list[int]]] = {}  # see _layer_tensors
 
     @property
     def dtype(self) -> torch.dtype:
@@ -131,22 +135,32 @@ class LlamaModel(nn.Module):
         needs_x = getattr(attend, "needs_layer_input", False)
         small = t <= self.qlinear_max_rows
         f = _LayerOps(backend, qbackend)
+        step = getattr(attend, "paged_step", None)
         with validation(False):
-            for i, layer in enumerate(self.layers):
-                w = layer.blocks if small and layer.blocks is not None else layer
-                if residual is None:
-                    h, residual = f.rms_norm(x, layer.attn_norm, eps), x
-                else:
-                    h, residual = f.add_rms_norm(x, residual, layer.attn_norm, eps)
-                q, k, v = f.rope_qkv(f.linear(h, w.qkv, layer.qkv_bias), cos, sin, hq, hkv)
-                if checked:
-                    with validation(True):
+            fast = (self.cxx_layers and step is not None and not needs_x and backend == "cpu" and qbackend == "cpu"
+                    and bool(step.k_caches) and step.k_caches[0].dtype == x.dtype)
+            if fast:
+                # The same layer loop in C++ (torch.ops.forkdec.llama_layers): bitwise the loop below.
+                plan = step.plan
+                x, residual = torch.ops.forkdec.llama_layers(
+                    x, cos, sin, *self._layer_tensors(small), hq, hkv, eps, step.k_caches, step.v_caches,
+                    step.slots, *plan.lists, plan.scale(d))
+            else:
+                for i, layer in enumerate(self.layers):
+                    w = layer.blocks if small and layer.blocks is not None else layer
+                    if residual is None:
+                        h, residual = f.rms_norm(x, layer.attn_norm, eps), x
+                    else:
+                        h, residual = f.add_rms_norm(x, residual, layer.attn_norm, eps)
+                    q, k, v = f.rope_qkv(f.linear(h, w.qkv, layer.qkv_bias), cos, sin, hq, hkv)
+                    if checked:
+                        with validation(True):
+                            out = attend(i, q, k, v, x=h, residual=residual) if needs_x else attend(i, q, k, v)
+                    else:
                         out = attend(i, q, k, v, x=h, residual=residual) if needs_x else attend(i, q, k, v)
-                else:
-                    out = attend(i, q, k, v, x=h, residual=residual) if needs_x else attend(i, q, k, v)
-                x = f.linear(out.reshape(t, hq * d), w.o, None)
-                h, residual = f.add_rms_norm(x, residual, layer.ffn_norm, eps)
-                x = f.linear(f.silu_and_mul(f.linear(h, w.gate_up, None)), w.down, None)
+                    x = f.linear(out.reshape(t, hq * d), w.o, None)
+                    h, residual = f.add_rms_norm(x, residual, layer.ffn_norm, eps)
+                    x = f.linear(f.silu_and_mul(f.linear(h, w.gate_up, None)), w.down, None)
             if logits_rows is not None:  # only these rows reach the final norm and the LM head
                 rows = logits_rows.to(device=x.device, dtype=torch.long)
                 x = x.index_select(0, rows)
@@ -160,6 +174,30 @@ class LlamaModel(nn.Module):
                 return ops.qlinear(x, head, out_dtype=torch.float32, backend=qbackend)
         return _lm_head(x, self.lm_head)
 
+    def _layer_tensors(self, small: bool) -> tuple[list[Tensor], list[int]]:
+        """The weights of every layer as torch.ops.forkdec.llama_layers takes them (per layer
+        attn_norm, ffn_norm, qkv bias or an empty tensor, then (codes, scale, offset) or
+        (dense, empty, empty) for qkv, o, gate_up, down) and their bits (0: dense). Built
+        once per form; load_weights, keep_dense_copy and .to() drop them."""
+        cached = self._stack_tensors.get(small)
+        if cached is None:
+            tensors, bits = [], []
+            empty = torch.empty(0, dtype=self.dtype, device=self.device)
+            for layer in self.layers:
+                w = layer.blocks if small and layer.blocks is not None else layer
+                tensors += [layer.attn_norm, layer.ffn_norm, empty if layer.qkv_bias is None else layer.qkv_bias]
+                for name in MATRICES:
+                    m = getattr(w, name)
+                    quantized = isinstance(m, QuantizedWeight)
+                    tensors += [m.codes, m.scale, m.offset] if quantized else [m, empty, empty]
+                    bits.append(m.bits if quantized else 0)
+            cached = self._stack_tensors[small] = (tensors, bits)
+        return cached
+
+    def _apply(self, fn, *args, **kwargs):
+        self._stack_tensors.clear()
+        return super()._apply(fn, *args, **kwargs)
+
     @property
     def quantized(self) -> bool:
         """True when the matrices are GGUF blocks as stored (load_model(weights="gguf"))."""
@@ -169,6 +207,7 @@ class LlamaModel(nn.Module):
         """For a model holding stored blocks: add dense copies (the blocks dequantized to
         the model dtype) used for products of more than `qlinear_max_rows` rows, and keep
         the blocks for the smaller ones ("gguf+bf16" in load_model)."""
+        self._stack_tensors.clear()
         for layer in self.layers:
             if all(isinstance(getattr(layer, n), QuantizedWeight) for n in MATRICES):
                 layer.blocks = LayerBlocks(*(getattr(layer, n) for n in MATRICES))
@@ -225,6 +264,7 @@ class LlamaModel(nn.Module):
         a group mixing formats is dequantized to the model dtype). Raises ValueError
         naming a missing or misshapen tensor."""
         cfg = self.config
+        self._stack_tensors.clear()
 
         def take(name: str, shape: tuple[int, ...]) -> Weight:
             require(name in weights, "weights", f"missing tensor {name!r}")
@@ -301,7 +341,7 @@ class _LayerOps:
         if isinstance(weight, QuantizedWeight):
             if self.qbackend == "cpu":
                 return torch.ops.forkdec.qlinear(x, weight.codes, weight.scale, weight.offset, weight.bits,
-                                                 weight.k, bias, None)
+                                                 weight.k, weight.n, bias, None)
             return ops.qlinear(x, weight, bias, backend=self.qbackend)
         return F.linear(x, weight, bias)
 

@@ -3,6 +3,7 @@ from forkdec.ops.attention import (CascadeLevel, append_kv, attention, cascade_a
                                    merge_states)
 from forkdec.ops.cascade_plan import CascadePlan
 from forkdec.ops.layer_ops import add_rms_norm, rms_norm, rope_qkv, silu_and_mul
+from forkdec.ops import llama_layers as _llama_layers  # noqa: F401  (registers the op's fake)
 from forkdec.ops.qlinear import QuantizedWeight, qlinear
 from forkdec.ops.sampling import SampleOutput, sample, sample_with_logprobs
 from forkdec.ops.softmax import softmax

@@ -10,6 +10,8 @@ and keeps the kernels' work lists, so that `run` makes no device-to-host copy
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -50,7 +52,9 @@ class CascadePlan:
         self.num_pages, self.page_size, self.total_q = num_pages, page_size, total_q
         self.sm_scale = sm_scale
         self.backend = resolve(backend, "cascade_attention", levels[0].qo_indptr.device, BACKENDS)
-        self._lists = ([lv.qo_indptr for lv in self.levels], [lv.kv_indptr for lv in self.levels],
+        # cascade_attention's level arguments: qo_indptr, kv_indptr, kv_indices, kv_last_page_len,
+        # causal, custom_mask lists, one entry per level.
+        self.lists = ([lv.qo_indptr for lv in self.levels], [lv.kv_indptr for lv in self.levels],
                        [lv.kv_indices for lv in self.levels], [lv.kv_last_page_len for lv in self.levels],
                        [lv.causal for lv in self.levels], [lv.custom_mask for lv in self.levels])
         self._launch_plan = None
@@ -58,6 +62,10 @@ class CascadePlan:
             from forkdec.triton_kernels.attention import LaunchPlan
             self._launch_plan = LaunchPlan([(lv.qo_indptr, lv.kv_indptr, lv.kv_indices, lv.kv_last_page_len,
                                              lv.custom_mask) for lv in self.levels], page_size)
+
+    def scale(self, head_dim: int) -> float:
+        """The softmax scale the kernels use: sm_scale, or 1 / sqrt(head_dim) when None."""
+        return 1.0 / math.sqrt(head_dim) if self.sm_scale is None else float(self.sm_scale)
 
     def run(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, *,
             return_lse: bool = False) -> Tensor | tuple[Tensor, Tensor]:
@@ -73,9 +81,9 @@ class CascadePlan:
                                                return_lse=return_lse)
         if self.backend == "triton":  # the planned launch: the kernels with this step's work lists
             from forkdec.triton_kernels.attention import cascade_attention
-            out, lse = cascade_attention(q, k_cache, v_cache, *self._lists, _scale(q, self.sm_scale),
+            out, lse = cascade_attention(q, k_cache, v_cache, *self.lists, _scale(q, self.sm_scale),
                                          plan=self._launch_plan)
         else:
-            out, lse = torch.ops.forkdec.cascade_attention(q, k_cache, v_cache, *self._lists,
+            out, lse = torch.ops.forkdec.cascade_attention(q, k_cache, v_cache, *self.lists,
                                                            _scale(q, self.sm_scale))
         return (out, lse) if return_lse else out

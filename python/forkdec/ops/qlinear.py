@@ -36,7 +36,7 @@ def qlinear(x: Tensor, weight: QuantizedWeight, bias: Tensor | None = None, *,
     if name == "reference":
         return reference.qlinear(x, weight, bias, out_dtype)
     op = torch.ops.forkdec.qlinear_triton if name == "triton" else torch.ops.forkdec.qlinear
-    return op(x, weight.codes, weight.scale, weight.offset, weight.bits, weight.k, bias, out_dtype)
+    return op(x, weight.codes, weight.scale, weight.offset, weight.bits, weight.k, weight.n, bias, out_dtype)
 
 
 def _validate(x: Tensor, weight: QuantizedWeight, bias: Tensor | None, out_dtype: torch.dtype | None) -> None:
@@ -52,9 +52,9 @@ def _validate(x: Tensor, weight: QuantizedWeight, bias: Tensor | None, out_dtype
     require(out_dtype is None or out_dtype in DTYPES, "out_dtype", f"must be fp32, fp16 or bf16, got {out_dtype}")
 
 
-def _fake(x: Tensor, codes: Tensor, scale: Tensor, offset: Tensor, bits: int, k: int, bias: Tensor | None,
+def _fake(x: Tensor, codes: Tensor, scale: Tensor, offset: Tensor, bits: int, k: int, n: int, bias: Tensor | None,
           out_dtype: torch.dtype | None) -> Tensor:
-    return x.new_empty((*x.shape[:-1], codes.shape[0]), dtype=out_dtype or x.dtype)
+    return x.new_empty((*x.shape[:-1], n), dtype=out_dtype or x.dtype)
 
 
 if _extension.load() is not None:
@@ -62,17 +62,17 @@ if _extension.load() is not None:
 
 
 @torch.library.custom_op("forkdec::qlinear_triton", mutates_args=())
-def _qlinear_triton(x: Tensor, codes: Tensor, scale: Tensor, offset: Tensor, bits: int, k: int,
+def _qlinear_triton(x: Tensor, codes: Tensor, scale: Tensor, offset: Tensor, bits: int, k: int, n: int,
                     bias: Tensor | None, out_dtype: torch.dtype | None) -> Tensor:
     from forkdec.triton_kernels.qlinear import qlinear_rows
 
-    out = _fake(x, codes, scale, offset, bits, k, bias, out_dtype)
+    out = _fake(x, codes, scale, offset, bits, k, n, bias, out_dtype)
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    if x2.shape[0] and codes.shape[0]:
+    if x2.shape[0] and n:
         qlinear_rows(x2, codes, scale, offset, bits, k, None if bias is None else bias.float().contiguous(),
-                     out.view(-1, codes.shape[0]))
+                     out.view(-1, n))
     return out
 
 
