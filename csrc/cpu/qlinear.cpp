@@ -51,6 +51,9 @@ struct Tile {  // what one call of the per-ISA kernel computes
 };
 
 using TilesKernel = void (*)(const Tile&);
+// Quantizes rows [begin, end) of x (rows x_stride elements apart) into the scratch.
+using QuantizeKernel = void (*)(const void* x, DType dtype, int64_t x_stride, int64_t begin, int64_t end,
+                                const Scratch& s);
 
 }  // namespace ql
 }  // namespace forkdec::cpu
@@ -132,28 +135,16 @@ TilesKernel tiles_kernel() {
   }
 }
 
-// Row r of x into the scratch: per block of 32, codes round(x / d) with d = max|x| / 127.
-template <class T>
-void quantize_row(const T* x, int64_t r, const Scratch& s) {
-  int8_t* codes = const_cast<int8_t*>(s.codes) + r * s.k;
-  float* scale = const_cast<float*>(s.scale) + r * s.blocks;
-  float* scaled_sum = const_cast<float*>(s.scaled_sum) + r * s.blocks;
-  float v[kQBlock];
-  for (int64_t b = 0; b < s.blocks; ++b) {
-    float amax = 0.0f;
-    for (int64_t i = 0; i < kQBlock; ++i) {
-      v[i] = to_float(x[b * kQBlock + i]);
-      amax = std::max(amax, std::fabs(v[i]));
-    }
-    const float d = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-    int32_t sum = 0;
-    for (int64_t i = 0; i < kQBlock; ++i) {
-      const int32_t c = static_cast<int32_t>(std::nearbyint(v[i] * inv));
-      codes[b * kQBlock + i] = static_cast<int8_t>(std::clamp(c, -127, 127));
-      sum += codes[b * kQBlock + i];
-    }
-    scale[b] = d;
-    scaled_sum[b] = d * static_cast<float>(sum);
+QuantizeKernel quantize_kernel() {
+  switch (current_isa()) {
+#if defined(__x86_64__)
+    case Isa::avx512:
+      return ql_avx512::quantize;
+    case Isa::avx2:
+      return ql_avx2::quantize;
+#endif
+    default:
+      return ql_scalar::quantize;
   }
 }
 
@@ -166,20 +157,7 @@ int64_t qlinear_scratch_bytes(int64_t m, int64_t k) {
 
 void qlinear_quantize_rows(const void* x, DType dtype, int64_t x_stride, int64_t k, int64_t begin, int64_t end,
                            int64_t m, void* scratch) {
-  const ql::Scratch s(scratch, m, k);
-  for (int64_t r = begin; r < end; ++r) {
-    switch (dtype) {
-      case DType::f32:
-        ql::quantize_row(static_cast<const float*>(x) + r * x_stride, r, s);
-        break;
-      case DType::f16:
-        ql::quantize_row(static_cast<const Half*>(x) + r * x_stride, r, s);
-        break;
-      case DType::bf16:
-        ql::quantize_row(static_cast<const BFloat*>(x) + r * x_stride, r, s);
-        break;
-    }
-  }
+  if (begin < end) ql::quantize_kernel()(x, dtype, x_stride, begin, end, ql::Scratch(scratch, m, k));
 }
 
 void qlinear_tile_range(const QWeightView& w, const void* scratch, int64_t m, int64_t tile_begin, int64_t tile_end,
@@ -212,6 +190,8 @@ struct Vec {
   typedef int8_t S8 __attribute__((vector_size(W)));
   typedef int32_t I32 __attribute__((vector_size(W)));
   typedef float F32 __attribute__((vector_size(W)));
+  typedef uint16_t U16 __attribute__((vector_size(W / 2)));  // one 16-bit value per int32 lane
+  typedef int8_t S8Lanes __attribute__((vector_size(W / 4)));  // one byte per int32 lane
   static constexpr int kLanes = W / 4;
 };
 
@@ -284,6 +264,83 @@ QL_INLINE typename Vec<W>::S8 splat4(const int8_t* p) {
   int32_t v;
   std::memcpy(&v, p, 4);
   return (typename Vec<W>::S8)(v + typename Vec<W>::I32{});
+}
+
+// W / 4 activations at p as fp32 lanes.
+template <int W>
+QL_INLINE typename Vec<W>::F32 load_floats(const float* p) {
+  return vload<typename Vec<W>::F32>(p);
+}
+template <int W>
+QL_INLINE typename Vec<W>::F32 load_floats(const Half* p) {
+  return load_halves<W>(p);
+}
+template <int W>
+QL_INLINE typename Vec<W>::F32 load_floats(const BFloat* p) {
+  const typename Vec<W>::I32 bits = __builtin_convertvector(vload<typename Vec<W>::U16>(p), typename Vec<W>::I32) << 16;
+  return (typename Vec<W>::F32)bits;
+}
+
+// Row r of x into the scratch: per block of 32, codes round(x / d) (to nearest even, as
+// std::nearbyint) with d = max|x| / 127; the same numbers as a scalar loop would make.
+template <class T>
+QL_TARGET void quantize_row(const T* x, int64_t r, const Scratch& s) {
+  constexpr int W = QL_WIDE, kVecs = 4 * kQBlock / W;  // vectors of fp32 lanes per block
+  using F = typename Vec<W>::F32;
+  using I = typename Vec<W>::I32;
+  int8_t* codes = const_cast<int8_t*>(s.codes) + r * s.k;
+  float* scale = const_cast<float*>(s.scale) + r * s.blocks;
+  float* scaled_sum = const_cast<float*>(s.scaled_sum) + r * s.blocks;
+  for (int64_t b = 0; b < s.blocks; ++b) {
+    F v[kVecs], amax = F{};
+    for (int i = 0; i < kVecs; ++i) {
+      v[i] = load_floats<W>(x + b * kQBlock + i * (W / 4));
+      const F a = (F)((I)v[i] & 0x7fffffff);  // |v|
+      amax = a > amax ? a : amax;  // NaN lanes leave amax as it was, as std::max(amax, NaN) does
+    }
+    float m = 0.0f;
+    for (int l = 0; l < W / 4; ++l) m = std::max(m, amax[l]);
+    const float d = m / 127.0f, inv = m > 0.0f ? 127.0f / m : 0.0f;
+    I sum = I{};
+    for (int i = 0; i < kVecs; ++i) {
+      I q;
+#if QL_DOT == 0
+      for (int l = 0; l < W / 4; ++l) {  // NaN to -127, as the vector conversion's INT_MIN clamps
+        const float p = v[i][l] * inv;
+        q[l] = p == p ? static_cast<int32_t>(std::nearbyint(std::clamp(p, -127.0f, 127.0f))) : -127;
+      }
+#elif QL_WIDE == 64
+      q = (I)_mm512_cvtps_epi32((__m512)(v[i] * inv));  // rounds to nearest even, as nearbyint
+#else
+      q = (I)_mm256_cvtps_epi32((__m256)(v[i] * inv));
+#endif
+      q = q < -127 ? -127 : q;  // NaN and inf products convert to INT_MIN
+      q = q > 127 ? 127 : q;
+      sum += q;
+      const typename Vec<W>::S8Lanes packed = __builtin_convertvector(q, typename Vec<W>::S8Lanes);
+      std::memcpy(codes + b * kQBlock + i * (W / 4), &packed, W / 4);
+    }
+    int32_t total = 0;
+    for (int l = 0; l < W / 4; ++l) total += sum[l];
+    scale[b] = d;
+    scaled_sum[b] = d * static_cast<float>(total);
+  }
+}
+
+QL_TARGET void quantize(const void* x, DType dtype, int64_t x_stride, int64_t begin, int64_t end, const Scratch& s) {
+  for (int64_t r = begin; r < end; ++r) {
+    switch (dtype) {
+      case DType::f32:
+        quantize_row(static_cast<const float*>(x) + r * x_stride, r, s);
+        break;
+      case DType::f16:
+        quantize_row(static_cast<const Half*>(x) + r * x_stride, r, s);
+        break;
+      case DType::bf16:
+        quantize_row(static_cast<const BFloat*>(x) + r * x_stride, r, s);
+        break;
+    }
+  }
 }
 
 // out[r, j0 .. j0 + count) = v (+ bias), in the tile's output dtype.

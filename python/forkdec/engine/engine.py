@@ -394,8 +394,8 @@ class _Run:
         t = time.perf_counter()
         batch = decode_batch(self.running, self.alloc, self.e.page_size)
         self.note_memory()
-        attend = make_attend(batch, self.cache, prefill=False, backend=self.backend)
         with validation(False):  # the step's own metadata and sampled tokens: valid by construction
+            attend = make_attend(batch, self.cache, prefill=False, backend=self.backend)
             logits = self.e.model.forward(batch.tokens, batch.positions, attend)
         self.stats.decode_steps += 1
         self.stats.max_batch = max(self.stats.max_batch, len(self.running))
@@ -406,8 +406,9 @@ class _Run:
         """Sample one token for every path (one call), add it, and finish the paths that end."""
         p = self.params
         short = [self.stop.stop_ids if len(q.token_ids) < p.min_tokens else () for q in paths]
-        d = draw(logits.float(), [p] * len(paths), generator=self.generator, row_ids=row_ids, mask_ids=short,
-                 backend=self.backend)
+        with validation(False):  # the model's logits, and params checked when they were made
+            d = draw(logits.float(), [p] * len(paths), generator=self.generator, row_ids=row_ids, mask_ids=short,
+                     backend=self.backend)
         for r, (path, tok, lp) in enumerate(zip(paths, d.tokens, d.logprobs)):
             if path.finished:  # cancelled by an early stop earlier in this loop: its draw is dropped
                 continue
