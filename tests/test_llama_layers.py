@@ -38,8 +38,8 @@ def smollm():
 
 
 @needs_ext
-# 1 and 5 paths: the stored blocks (qlinear); 20: the bf16 copies (more than qlinear_max_rows rows)
-@pytest.mark.parametrize("n", [1, 5, 20])
+# 1 and 5 paths: the stored blocks (qlinear); 70: the bf16 copies (more than qlinear_max_rows rows)
+@pytest.mark.parametrize("n", [1, 5, 70])
 def test_smollm_decodes_bitwise_as_the_python_loop(smollm, n):
     got, ran = _decode(smollm, n, "The three largest cities of France are", cxx=True)
     want, ran_python = _decode(smollm, n, "The three largest cities of France are", cxx=False)

@@ -93,9 +93,9 @@ class LlamaModel(nn.Module):
             self.register_buffer("inv_freq", rope_inv_freq(config).float(), persistent=False)
         self.head_blocks: QuantizedWeight | None = None  # the LM head's blocks, with keep_dense_copy()
         # Products of at most this many rows use the stored blocks when both forms are held:
-        # the int8 kernels read 4x fewer bytes and win while a product is bound by memory,
-        # oneDNN's bf16 GEMM wins above (docs/models.md).
-        self.qlinear_max_rows = 16
+        # the int8 kernels read 3x fewer bytes and win while a step is bound by reading its
+        # weights (1.14x at 64 rows), oneDNN's bf16 GEMM wins above (docs/models.md).
+        self.qlinear_max_rows = 64
         # Decode steps on a paged cpu cache loop over the layers in C++ (forkdec.ops.llama_layers,
         # bitwise the Python loop); False keeps the Python loop everywhere.
         self.cxx_layers = True
