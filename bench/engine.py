@@ -33,6 +33,7 @@ import torch
 from forkdec.bench.common import machine_facts, markdown_table, results_dir, write_report
 from forkdec.bench.llama_cpp_peer import SKIP_REASON
 from forkdec.bench.llama_cpp_process import DEFAULT_LLAMA_PYTHON, llama_available, llama_python, run_llama_jobs
+from forkdec.models.llama import QLINEAR_MAX_ROWS
 
 TARGET = ("vs llama.cpp (aggregate generated tokens/s, issue 18): n=1 >= 1.0x (moonshot 1.5x), n=8 >= 2x, n=32 >= 3x, "
           "n=128 >= 10x; --speculate ngram at n=1 >= 1.5x llama.cpp's plain decoding")
@@ -273,7 +274,8 @@ def run(argv: list[str] | None = None) -> int:
     facts = machine_facts({
         "model": "SmolLM2-135M-Instruct GGUF (embedded): Q4_1 matrices, Q8_0 token_embd / tied LM head",
         "forkdec weight forms": ", ".join(forms) + " (load_model weights=; gguf+bf16: stored blocks for products "
-                                "of <= model.qlinear_max_rows (16) rows, bf16 copies above)",
+                                f"of <= model.qlinear_max_rows ({QLINEAR_MAX_ROWS}) rows, "
+                                "bf16 copies above; decode steps loop over the layers in C++, forkdec.ops.llama_layers)",
         "llama.cpp": llama_version + f" (same GGUF file, weights as stored; own process: {python}, "
                      f"{args.llama_threads} threads, OMP_WAIT_POLICY removed from its environment)",
         "transformers": _version("transformers") + " fp32" if peers else "not run",

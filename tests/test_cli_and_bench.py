@@ -110,3 +110,20 @@ def test_xquant_ppl_report_separates_every_window_rows_from_fewer(tmp_path):
     ref = xp._ppl([2.0, 3.0])
     assert f"`kivi-3` {xp._ppl([2.05, 3.02]) / ref - 1:+.2%} vs `xquant-latent-3` " \
            f"{xp._ppl([2.03, 3.01]) / ref - 1:+.2%} over 2 windows (XQuant <= KIVI)" in fewer
+
+
+@needs_ext
+def test_qlinear_bench_writes_its_report(tmp_path, monkeypatch):
+    """The qlinear bench's plumbing at its smallest: one row count, one profiled step of each
+    layer loop, the roofline from the bandwidth measured around them."""
+    from forkdec.bench import qlinear
+
+    monkeypatch.setattr(qlinear, "read_bandwidth", lambda rounds=7: 50.0)
+    monkeypatch.setattr(qlinear, "SHAPES", [("o", 576, 576, "Q4_1")])
+    assert qlinear.run(["--m", "1", "--rounds", "1", "--n", "1", "--weights", "gguf,gguf:python",
+                        "--new-tokens", "3", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "qlinear.md").read_text()
+    assert "| o | Q4_1 | 576x576 | 1 |" in text
+    assert "| gguf:python | 1 |" in text and "read bandwidth 50.0 GB/s" in text
+    roofline = [line for line in text.splitlines() if line.startswith("| gguf | ") and line.count("|") == 6]
+    assert len(roofline) == 1 and roofline[0].endswith("x |"), text

@@ -372,6 +372,12 @@ QL_INLINE void store_lanes(const Tile& t, int64_t r, int64_t j0, int count, cons
 // ramp up on their own; measured best at 8 (docs/models.md).
 constexpr int64_t kAhead = 8;
 
+// A prefetch of the line `bytes` past p, computed on integers: the address may lie past
+// the end of p's array, where pointer arithmetic would be undefined.
+QL_INLINE void prefetch(const void* p, int64_t bytes) {
+  __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(bytes)));
+}
+
 // Activation rows r0 .. r0 + R - 1 times the W / 4 features of vector part h of a
 // tile. Per block: 8 integer dots per row of a codes vector with 4 activation codes
 // splat over the lanes (two accumulators, so the chain of dependent dots halves),
@@ -390,10 +396,11 @@ QL_TARGET void tile_part(const Tile& t, int64_t tile, int h, int64_t r0) {
   typename V::F32 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = typename V::F32{};
   for (int64_t b = 0; b < nb; ++b) {
-    // Past the tile's last block this runs into the next tile's, the next one read.
-    for (int l = 0; l < kBlockBytes / 64; ++l) __builtin_prefetch(codes + (b + kAhead) * kBlockBytes + l * 64);
-    __builtin_prefetch(scale + (b + kAhead) * kQTile);
-    __builtin_prefetch(offset + (b + kAhead) * kQTile);
+    // Past the tile's last block this runs into the next tile's, the next one read (and past
+    // the matrix's end at its last tile: a prefetch never faults).
+    for (int l = 0; l < kBlockBytes / 64; ++l) prefetch(codes, (b + kAhead) * kBlockBytes + l * 64);
+    prefetch(scale, (b + kAhead) * kQTile * 2);
+    prefetch(offset, (b + kAhead) * kQTile * 2);
     typename V::I32 isum[2][R];
     for (int r = 0; r < R; ++r) isum[0][r] = isum[1][r] = typename V::I32{};
     const uint8_t* bc = codes + b * kBlockBytes;

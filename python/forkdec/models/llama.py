@@ -26,6 +26,11 @@ Attend = Callable[[int, Tensor, Tensor, Tensor], Tensor]
 # A matrix is a dense tensor (the model's dtype) or GGUF blocks as stored (forkdec.qweight).
 Weight = Tensor | QuantizedWeight
 MATRICES = ("qkv", "o", "gate_up", "down")
+# Products of at most this many rows use the stored blocks when both forms are held
+# (LlamaModel.qlinear_max_rows): the int8 kernels read 3x fewer bytes and win while a step
+# is bound by reading its weights (1.14x at 64 rows); oneDNN's bf16 GEMM wins above
+# (docs/models.md).
+QLINEAR_MAX_ROWS = 64
 
 
 def _frozen(t: Tensor) -> nn.Parameter:
@@ -92,10 +97,7 @@ class LlamaModel(nn.Module):
                 torch.zeros(config.vocab_size, config.hidden_size, dtype=dtype))
             self.register_buffer("inv_freq", rope_inv_freq(config).float(), persistent=False)
         self.head_blocks: QuantizedWeight | None = None  # the LM head's blocks, with keep_dense_copy()
-        # Products of at most this many rows use the stored blocks when both forms are held:
-        # the int8 kernels read 3x fewer bytes and win while a step is bound by reading its
-        # weights (1.14x at 64 rows), oneDNN's bf16 GEMM wins above (docs/models.md).
-        self.qlinear_max_rows = 64
+        self.qlinear_max_rows = QLINEAR_MAX_ROWS
         # Decode steps on a paged cpu cache loop over the layers in C++ (forkdec.ops.llama_layers,
         # bitwise the Python loop); False keeps the Python loop everywhere.
         self.cxx_layers = True
