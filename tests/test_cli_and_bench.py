@@ -121,7 +121,8 @@ def test_qlinear_bench_writes_its_report(tmp_path, monkeypatch):
     monkeypatch.setattr(qlinear, "read_bandwidth", lambda rounds=7: 50.0)
     monkeypatch.setattr(qlinear, "SHAPES", [("o", 576, 576, "Q4_1")])
     assert qlinear.run(["--m", "1", "--rounds", "1", "--n", "1", "--weights", "gguf,gguf:python",
-                        "--new-tokens", "3", "--out", str(tmp_path)]) == 0
+                        "--new-tokens", "3", "--timed-tokens", "3", "--repeats", "1",
+                        "--out", str(tmp_path)]) == 0
     text = (tmp_path / "qlinear.md").read_text()
     assert "| o | Q4_1 | 576x576 | 1 |" in text
     assert "| gguf:python | 1 |" in text and "read bandwidth 50.0 GB/s" in text
