@@ -31,7 +31,7 @@ CATEGORIES = {  # profiler op name -> part of a step
     "forkdec::attention": "attention", "forkdec::cascade_attention": "attention", "forkdec::append_kv": "attention",
     "forkdec::rms_norm": "fused layer ops", "forkdec::add_rms_norm": "fused layer ops",
     "forkdec::rope_qkv": "fused layer ops", "forkdec::silu_and_mul": "fused layer ops", "forkdec::sample": "sampling",
-    "forkdec::sample_with_logprobs": "sampling", "forkdec::llama_layers": "C++ layer loop dispatch",
+    "forkdec::sample_with_logprobs": "sampling", "forkdec::llama_layers": "C++ layer loop",
 }
 
 
@@ -140,7 +140,7 @@ def profile_steps(form: str, ns: list[int], new_tokens: int, timed_tokens: int =
 
 
 PART_ORDER = ["bf16/fp32 GEMM", "qlinear (GGUF blocks)", "fused layer ops", "attention", "sampling",
-              "C++ layer loop dispatch", "other aten ops"]
+              "C++ layer loop", "other aten ops"]
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -187,7 +187,10 @@ def run(argv: list[str] | None = None) -> int:
                                 profile_rows), "",
                  "Parts are profiler self-times per decode step: the profile of generate(new tokens) minus that of "
                  "generate(1 token) (prefill and first draw), divided by the steps between; the rest is the profiled "
-                 "wall time per step minus them. The step without the profiler is the best of "
+                 "wall time per step minus them. The C++ layer loop (forkdec.ops.llama_layers) calls the layers' "
+                 "norms, RoPE, SwiGLU and products on stored blocks as kernels, not ops: its column holds them and "
+                 "its dispatch (its attention ops are under attention; qlinear is then the LM head only). "
+                 "The step without the profiler is the best of "
                  f"{args.repeats} runs of {args.timed_tokens} new tokens per path.", "",
                  f"## n=1 roofline: read bandwidth {bandwidth:.1f} GB/s", "",
                  f"The highest of {len(bandwidths)} measurements spread over the run (each the best of 7 sums "

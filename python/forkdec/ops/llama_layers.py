@@ -10,11 +10,13 @@ blocks with qbits 4/8, or (dense [N, K], empty, empty) with qbits 0); k_caches, 
 one [num_pages, page_size, Hkv, D] cache per layer, written in place at `slots`; the
 cascade levels as CascadePlan.lists. Returns (x, residual) before the final norm.
 
-It calls the same ops (rms_norm, add_rms_norm, qlinear or linear, rope_qkv, append_kv,
-cascade_attention, silu_and_mul) in the same order as LlamaModel.forward's Python loop,
-so its results are bitwise that loop's: the loop is its reference (tests/test_llama_layers.py).
-It exists because at one token per step a 135M model's ~10 small ops per layer cost
-about as much in Python and op dispatch as in their kernels. CPU only.
+It computes what LlamaModel.forward's Python loop computes (rms_norm, add_rms_norm,
+qlinear or linear, rope_qkv, append_kv, cascade_attention, silu_and_mul), in the same
+order on the same values: the elementwise and qlinear kernels called directly on
+buffers allocated once per call, the rest as ops. Its results are bitwise that loop's:
+the loop is its reference (tests/test_llama_layers.py). It exists because at one token
+per step a 135M model's ~10 small ops per layer cost about as much in Python, op
+dispatch and output allocation as in their kernels. CPU only.
 """
 from __future__ import annotations
 
