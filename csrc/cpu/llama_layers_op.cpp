@@ -153,7 +153,9 @@ std::tuple<at::Tensor, at::Tensor> llama_layers_cpu(
     check_norm(w[1], hidden, "ffn_norm");
     const std::optional<at::Tensor> qkv_bias = w[2].numel() ? std::optional<at::Tensor>(w[2]) : std::nullopt;
     const int64_t* bits = qbits.data() + i * kMatrices;
-    const int64_t inter = bits[3] ? w[13].size(1) / kQTile * kQBlock : w[12].size(1);  // down's k
+    const at::Tensor& down_k = bits[3] ? w[13] : w[12];  // down's scale [tiles, k / 32 * 16] or dense [N, k]
+    TORCH_CHECK(down_k.dim() == 2, name, ": layer ", i, " down must be 2-D, got ", down_k.sizes());
+    const int64_t inter = bits[3] ? down_k.size(1) / kQTile * kQBlock : down_k.size(1);
     const Matrix wqkv(w.slice(3, 3), bits[0], nqkv, hidden, name), wo(w.slice(6, 3), bits[1], hidden,
                                                                         num_q_heads * d, name),
         wgu(w.slice(9, 3), bits[2], 2 * inter, hidden, name), wd(w.slice(12, 3), bits[3], hidden, inter, name);
@@ -171,9 +173,12 @@ std::tuple<at::Tensor, at::Tensor> llama_layers_cpu(
       norm_rows(cur, residual, w[0], dtype, feps, h, at::Tensor());
       residual = x_in;
     }
-    const at::Tensor qkv_out = wqkv.apply(h, qkv, qkv_bias);
-    TORCH_CHECK(qkv_out.size(1) == nqkv, name, ": layer ", i, " qkv gives ", qkv_out.size(1), " columns, expected ",
-                nqkv);
+    // A dense matrix's product has the width its tensor gives: held to the one the buffers need.
+    const auto width = [&](at::Tensor out, int64_t n, const char* what) -> at::Tensor {
+      TORCH_CHECK(out.size(1) == n, name, ": layer ", i, " ", what, " gives ", out.size(1), " columns, expected ", n);
+      return out;
+    };
+    const at::Tensor qkv_out = width(wqkv.apply(h, qkv, qkv_bias), nqkv, "qkv");
     rope_qkv_rows(qkv_out.const_data_ptr(), qkv_out.stride(0), c.const_data_ptr<float>(), s.const_data_ptr<float>(),
                   dtype, 0, t, num_q_heads, num_kv_heads, d, q.mutable_data_ptr(), k.mutable_data_ptr(),
                   v.mutable_data_ptr());
@@ -181,17 +186,15 @@ std::tuple<at::Tensor, at::Tensor> llama_layers_cpu(
     const at::Tensor attn = std::get<0>(o.cascade_attention.call(q, k_caches[i], v_caches[i], qo_indptr, kv_indptr,
                                                                   kv_indices, kv_last_page_len, causal,
                                                                   custom_mask, sm_scale));
-    cur = wo.apply(attn.reshape({t, num_q_heads * d}), o_out, std::nullopt);
+    cur = width(wo.apply(attn.reshape({t, num_q_heads * d}), o_out, std::nullopt), hidden, "o");
 
     // MLP sublayer: add + RMSNorm, gate_up, SwiGLU, down
     const at::Tensor& sum = other_sum(residual);
     norm_rows(cur, residual, w[1], dtype, feps, h, sum);
     residual = sum;
-    const at::Tensor gu = wgu.apply(h, up, std::nullopt);
-    TORCH_CHECK(gu.size(1) == 2 * inter, name, ": layer ", i, " gate_up gives ", gu.size(1), " columns, expected ",
-                2 * inter);
+    const at::Tensor gu = width(wgu.apply(h, up, std::nullopt), 2 * inter, "gate_up");
     silu_and_mul_rows(gu.const_data_ptr(), gu.stride(0), dtype, 0, t, inter, act.mutable_data_ptr());
-    cur = wd.apply(act, down, std::nullopt);
+    cur = width(wd.apply(act, down, std::nullopt), hidden, "down");
   }
   // Both are this call's own tensors: the residual is a sum buffer from layer 0's second
   // norm on, cur the down buffer or a dense product's output.

@@ -18,8 +18,8 @@ import forkdec.ops as ops
 from forkdec.backends import resolve
 from forkdec.cache.batch import StepBatch
 from forkdec.cache.paged import PagedKVCache
-from forkdec.ops.attention import BACKENDS
-from forkdec.validation import require, validation, validation_enabled
+from forkdec.ops.attention import BACKENDS, validate_slots
+from forkdec.validation import validation, validation_enabled
 
 Attend = Callable[[int, Tensor, Tensor, Tensor], Tensor]
 
@@ -70,10 +70,6 @@ def make_attend(batch: StepBatch, cache, *, prefill: bool, backend: str = "auto"
 
     if plan is not None and plan.backend == "cpu":
         if check[0]:  # what the first layer's append_kv would check of the step's own input
-            capacity = cache.num_pages * cache.page_size
-            slots = batch.slots
-            require(slots.dim() == 1 and not slots.is_floating_point() and (
-                slots.numel() == 0 or (int(slots.min()) >= 0 and int(slots.max()) < capacity)), "slots",
-                f"slot ids must be integers in [0, {capacity})")
+            validate_slots(batch.slots, int(batch.tokens.numel()), cache.num_pages * cache.page_size)
         attend.paged_step = PagedStep(cache.layers_k, cache.layers_v, batch.slots, plan)
     return attend

@@ -141,11 +141,7 @@ def append_kv(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, slots: Ten
                 f"caches must both be [num_pages, page_size, Hkv, D], got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
         require(k.shape == v.shape and k.dim() == 3 and tuple(k.shape[1:]) == tuple(k_cache.shape[2:]), "k",
                 f"k and v must be [N, {k_cache.shape[2]}, {k_cache.shape[3]}], got {tuple(k.shape)} and {tuple(v.shape)}")
-        require(slots.dim() == 1 and slots.numel() == k.shape[0] and not slots.is_floating_point(), "slots",
-                f"must be an integer [N={k.shape[0]}] tensor, got {slots.dtype} {tuple(slots.shape)}")
-        capacity = k_cache.shape[0] * k_cache.shape[1]
-        require(slots.numel() == 0 or (int(slots.min()) >= 0 and int(slots.max()) < capacity), "slots",
-                f"slot ids must be in [0, {capacity})")
+        validate_slots(slots, k.shape[0], k_cache.shape[0] * k_cache.shape[1])
     name = resolve(backend, "append_kv", k_cache.device, BACKENDS)
     if name == "reference":
         reference.append_kv(k_cache, v_cache, k, v, slots)
@@ -155,8 +151,21 @@ def append_kv(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, slots: Ten
         torch.ops.forkdec.append_kv_triton(k_cache, v_cache, k, v, slots)
 
 
+def softmax_scale(head_dim: int, sm_scale: float | None) -> float:
+    """The scale the kernels apply to q.k: sm_scale, or 1 / sqrt(head_dim) when None."""
+    return 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
+
+
 def _scale(q: Tensor, sm_scale: float | None) -> float:
-    return 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
+    return softmax_scale(q.shape[-1], sm_scale)
+
+
+def validate_slots(slots: Tensor, tokens: int, capacity: int) -> None:
+    """slots: integer [tokens], every id in [0, capacity) (append_kv's slots)."""
+    require(slots.dim() == 1 and slots.numel() == tokens and not slots.is_floating_point(), "slots",
+            f"must be an integer [N={tokens}] tensor, got {slots.dtype} {tuple(slots.shape)}")
+    require(slots.numel() == 0 or (int(slots.min()) >= 0 and int(slots.max()) < capacity), "slots",
+            f"slot ids must be in [0, {capacity})")
 
 
 def _require_indptr(t: Tensor, name: str, length: int | None, end: int | None) -> None:

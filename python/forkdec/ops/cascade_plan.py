@@ -10,14 +10,13 @@ and keeps the kernels' work lists, so that `run` makes no device-to-host copy
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from forkdec import reference
 from forkdec.backends import resolve
-from forkdec.ops.attention import BACKENDS, CascadeLevel, _scale, validate_page_table, validate_tensors
+from forkdec.ops.attention import (BACKENDS, CascadeLevel, _scale, softmax_scale, validate_page_table,
+                                   validate_tensors)
 from forkdec.validation import require, validation_enabled
 
 
@@ -65,7 +64,7 @@ class CascadePlan:
 
     def scale(self, head_dim: int) -> float:
         """The softmax scale the kernels use: sm_scale, or 1 / sqrt(head_dim) when None."""
-        return 1.0 / math.sqrt(head_dim) if self.sm_scale is None else float(self.sm_scale)
+        return softmax_scale(head_dim, self.sm_scale)
 
     def run(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, *,
             return_lse: bool = False) -> Tensor | tuple[Tensor, Tensor]:
