@@ -8,9 +8,9 @@ the breakdown of a decode step.
    decode step must read with each weight form: the n=1 roofline.
 3. A decode step of the engine at n = 1, 8, 32 under torch.profiler, per weight form
    (a form with ":python" runs the model's Python layer loop instead of the C++ one,
-   forkdec.ops.llama_layers): wall time per step and where it goes (GEMMs, fused
-   layer ops, attention, sampling, the C++ loop's own dispatch, other aten ops, and
-   the rest: Python and waits).
+   forkdec.ops.llama_layers): wall time per step and where it goes (GEMMs, qlinear,
+   fused layer ops, attention, sampling, the C++ loop with the kernels it calls
+   itself, other aten ops, and the rest: Python and waits).
 Writes bench/results/qlinear.md.
 """
 from __future__ import annotations
@@ -103,7 +103,6 @@ def profile_steps(form: str, ns: list[int], new_tokens: int, timed_tokens: int =
     model, tokenizer = load_model(weights=weights)
     model.cxx_layers = loop != "python"
     engine = Engine(model, tokenizer=tokenizer)
-    params = SamplingParams(temperature=0.7, max_new_tokens=new_tokens, ignore_eos=True, seed=0)
     engine.generate("warm up", 2, SamplingParams(max_new_tokens=4))
     rows, step_ms = [], {}
     timed = SamplingParams(temperature=0.7, max_new_tokens=timed_tokens, ignore_eos=True, seed=0)

@@ -15,8 +15,7 @@ from torch import Tensor
 
 from forkdec import reference
 from forkdec.backends import resolve
-from forkdec.ops.attention import (BACKENDS, CascadeLevel, _scale, softmax_scale, validate_page_table,
-                                   validate_tensors)
+from forkdec.ops.attention import BACKENDS, CascadeLevel, softmax_scale, validate_page_table, validate_tensors
 from forkdec.validation import require, validation_enabled
 
 
@@ -80,9 +79,9 @@ class CascadePlan:
                                                return_lse=return_lse)
         if self.backend == "triton":  # the planned launch: the kernels with this step's work lists
             from forkdec.triton_kernels.attention import cascade_attention
-            out, lse = cascade_attention(q, k_cache, v_cache, *self.lists, _scale(q, self.sm_scale),
+            out, lse = cascade_attention(q, k_cache, v_cache, *self.lists, self.scale(q.shape[-1]),
                                          plan=self._launch_plan)
         else:
             out, lse = torch.ops.forkdec.cascade_attention(q, k_cache, v_cache, *self.lists,
-                                                           _scale(q, self.sm_scale))
+                                                           self.scale(q.shape[-1]))
         return (out, lse) if return_lse else out
